@@ -1,0 +1,144 @@
+"""Builds and loads the C++/CUDA extension with ``torch.utils.cpp_extension``.
+
+The extension is compiled on first import into a cache folder and reused afterwards (ninja
+rebuilds it only when a source changes). Environment variables:
+
+``ROI_KERNELS_BUILD_DIR``
+    Cache folder (default ``~/.cache/roi_kernels/<torch version>-<cpu|cuda>``).
+``ROI_KERNELS_CUDA``
+    ``auto`` (default): include the CUDA sources when nvcc and a CUDA build of torch are
+    present; ``1``: require them; ``0``: CPU only.
+``ROI_KERNELS_MARCH``
+    ``-march`` for the CPU sources (default ``native``; use e.g. ``x86-64-v3`` when building
+    an image that runs on other machines).
+``TORCH_CUDA_ARCH_LIST``
+    The GPU architectures to compile for, as everywhere in PyTorch.
+``ROI_KERNELS_VERBOSE``
+    ``1`` prints the compiler's commands and output.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import torch
+
+_CSRC = Path(__file__).resolve().parent / "csrc"
+_LOCK = threading.Lock()
+_LOADED: dict[str, object] = {}
+
+EXTENSION_NAME = "roi_kernels_ext"
+
+
+class BuildError(RuntimeError):
+    """The extension failed to compile; the message names the compiler's log file."""
+
+
+def _env_flag(name: str, default: str = "auto") -> str:
+    value = os.environ.get(name, default).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return "1"
+    if value in ("0", "false", "no", "off"):
+        return "0"
+    if value in ("", "auto"):
+        return "auto"
+    raise ValueError(f"{name} must be auto, 1 or 0, got {value!r}")
+
+
+def _nvcc_available() -> bool:
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    return bool(home) and (Path(home) / "bin" / "nvcc").exists()
+
+
+def cuda_sources_wanted() -> bool:
+    """Whether the build includes the CUDA kernels (see ``ROI_KERNELS_CUDA``)."""
+    flag = _env_flag("ROI_KERNELS_CUDA")
+    has_cuda_torch = torch.version.cuda is not None
+    if flag == "0":
+        return False
+    if flag == "1":
+        if not has_cuda_torch:
+            raise BuildError("ROI_KERNELS_CUDA=1 but this torch was built without CUDA")
+        if not _nvcc_available():
+            raise BuildError("ROI_KERNELS_CUDA=1 but nvcc was not found (set CUDA_HOME)")
+        return True
+    return has_cuda_torch and _nvcc_available()
+
+
+def sources(with_cuda: bool) -> list[str]:
+    files = [_CSRC / "register.cpp", *sorted((_CSRC / "cpu").glob("*.cpp"))]
+    if with_cuda:
+        files += sorted((_CSRC / "cuda").glob("*.cu"))
+    return [str(f) for f in files]
+
+
+def build_dir(with_cuda: bool) -> Path:
+    override = os.environ.get("ROI_KERNELS_BUILD_DIR")
+    if override:
+        path = Path(override).expanduser()
+    else:
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+        flavour = "cuda" if with_cuda else "cpu"
+        path = cache / "roi_kernels" / f"torch{torch.__version__.replace('+', '_')}-{flavour}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _cpu_flags() -> list[str]:
+    march = os.environ.get("ROI_KERNELS_MARCH", "native").strip()
+    flags = ["-O3", "-std=c++17", "-fopenmp"]
+    if march:
+        flags.append(f"-march={march}")
+    return flags
+
+
+def load(verbose: bool | None = None) -> None:
+    """Compile (when needed) and load the extension; registers ``torch.ops.roi_kernels``."""
+    with _LOCK:
+        if "ext" in _LOADED:
+            return
+        from torch.utils import cpp_extension
+
+        with_cuda = cuda_sources_wanted()
+        if verbose is None:
+            verbose = os.environ.get("ROI_KERNELS_VERBOSE", "0") == "1"
+        directory = build_dir(with_cuda)
+        # no --use_fast_math: the GPU must give the CPU's numbers (level assignment, weights)
+        cuda_flags = ["-O3", "-std=c++17", "-lineinfo"]
+        try:
+            cpp_extension.load(
+                name=EXTENSION_NAME + ("_cuda" if with_cuda else "_cpu"),
+                sources=sources(with_cuda),
+                extra_include_paths=[str(_CSRC)],
+                extra_cflags=_cpu_flags() + (["-DROI_KERNELS_WITH_CUDA"] if with_cuda else []),
+                extra_cuda_cflags=cuda_flags,
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(directory),
+                with_cuda=with_cuda,
+                is_python_module=False,
+                verbose=verbose,
+            )
+        except Exception as exc:  # the compiler's output is in the exception text
+            log = directory / "build.log"
+            log.write_text(str(exc))
+            raise BuildError(
+                f"building the roi_kernels extension failed; the compiler's log is {log} "
+                f"(build folder {directory}; set ROI_KERNELS_VERBOSE=1 to see the commands)"
+            ) from None
+        _LOADED["ext"] = directory
+
+
+def loaded_build_dir() -> Path | None:
+    return _LOADED.get("ext")  # type: ignore[return-value]
+
+
+def clean(with_cuda: bool | None = None) -> Path:
+    """Remove the build cache folder (forces a rebuild on next import)."""
+    directory = build_dir(cuda_sources_wanted() if with_cuda is None else with_cuda)
+    shutil.rmtree(directory, ignore_errors=True)
+    return directory

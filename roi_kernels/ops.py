@@ -1,0 +1,340 @@
+"""The public RoI ops: torchvision-compatible signatures over ``torch.ops.roi_kernels``.
+
+Boxes are ``(x1, y1, x2, y2)`` in input-image pixels. ``spatial_scale`` maps them onto the
+feature map: for a stride-16 backbone map, ``spatial_scale=1/16`` sends the image box
+``(160, 80, 320, 240)`` to the map box ``(10, 5, 20, 15)``.
+
+``boxes`` is either ``Tensor[K, 5]`` whose first column is the image index, or a list of
+``Tensor[L_i, 4]``, one per image (the torchvision convention). Results are contiguous
+``Tensor[K, C, PH, PW]`` in the input's dtype (float16 and bfloat16 accumulate in float32).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Union
+
+import torch
+from torch import Tensor
+
+from . import _build
+
+_build.load()
+
+BoxesLike = Union[Tensor, Sequence[Tensor]]
+SizeLike = Union[int, Sequence[int]]
+
+__all__ = [
+    "roi_align",
+    "roi_pool",
+    "ps_roi_align",
+    "ps_roi_pool",
+    "roi_align_rotated",
+    "multiscale_roi_align",
+    "infer_scales",
+    "convert_boxes_to_rois",
+]
+
+_ops = torch.ops.roi_kernels
+
+
+def _pair(output_size: SizeLike) -> tuple[int, int]:
+    if isinstance(output_size, int):
+        size = (output_size, output_size)
+    else:
+        size = tuple(int(s) for s in output_size)
+        if len(size) == 1:
+            size = (size[0], size[0])
+    if len(size) != 2:
+        raise ValueError(f"output_size must be an int or (height, width), got {output_size!r}")
+    if size[0] <= 0 or size[1] <= 0:
+        raise ValueError(f"output_size must be positive, got {size}")
+    return size  # type: ignore[return-value]
+
+
+def convert_boxes_to_rois(boxes: BoxesLike, name: str = "boxes", cols: int = 4) -> Tensor:
+    """``list[Tensor[L_i, cols]]`` -> ``Tensor[K, cols + 1]`` with the image index first.
+
+    A tensor is returned unchanged (the op checks its shape).
+    """
+    if isinstance(boxes, Tensor):
+        return boxes
+    if not isinstance(boxes, (list, tuple)):
+        raise TypeError(
+            f"{name} must be Tensor[K, {cols + 1}] or a list of Tensor[L, {cols}], "
+            f"got {type(boxes).__name__}"
+        )
+    if len(boxes) == 0:
+        raise ValueError(f"{name} is an empty list: give one Tensor[L, {cols}] per image")
+    for i, b in enumerate(boxes):
+        if not isinstance(b, Tensor) or b.dim() != 2 or b.size(1) != cols:
+            shape = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
+            raise ValueError(f"{name}[{i}] must be Tensor[L, {cols}], got {shape}")
+        if b.dtype != boxes[0].dtype or b.device != boxes[0].device:
+            raise ValueError(f"{name}[{i}] must have the dtype and device of {name}[0]")
+    concat = torch.cat(list(boxes), dim=0)
+    ids = torch.cat(
+        [torch.full((b.size(0), 1), i, dtype=concat.dtype, device=concat.device) for i, b in enumerate(boxes)]
+    )
+    return torch.cat([ids, concat], dim=1)
+
+
+def _check_pool_mode(pool_mode: str) -> None:
+    if pool_mode not in ("avg", "max"):
+        raise ValueError(f'pool_mode must be "avg" or "max", got {pool_mode!r}')
+
+
+def roi_align(
+    input: Union[Tensor, Sequence[Tensor]],
+    boxes: BoxesLike,
+    output_size: SizeLike,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+    pool_mode: str = "avg",
+) -> Tensor:
+    """RoIAlign (Mask R-CNN): bilinear samples on a regular grid in each bin, averaged
+    (``pool_mode="avg"``, torchvision's op) or maxed (``"max"``, as in mmcv).
+
+    Args:
+        input: ``Tensor[N, C, H, W]``, or a list of ``Tensor[C, H_i, W_i]`` of different
+            sizes (a ragged batch, pooled in one launch with no padding).
+        boxes: ``Tensor[K, 5]`` or ``list[Tensor[L_i, 4]]`` in image pixels.
+        output_size: ``(PH, PW)`` or one int.
+        spatial_scale: feature-map size over image size, e.g. ``1/16``.
+        sampling_ratio: samples per bin along each axis; ``<= 0`` for adaptive
+            (``ceil(box size / output size)``).
+        aligned: shift box corners by -0.5 pixel (pixel-centre alignment).
+        pool_mode: ``"avg"`` or ``"max"``.
+
+    Returns:
+        ``Tensor[K, C, PH, PW]``.
+    """
+    _check_pool_mode(pool_mode)
+    ph, pw = _pair(output_size)
+    rois = convert_boxes_to_rois(boxes)
+    if isinstance(input, Tensor):
+        return _ops.roi_align(input, rois, float(spatial_scale), ph, pw, int(sampling_ratio), bool(aligned), pool_mode)
+    return _ops.roi_align_ragged(
+        list(input), rois, float(spatial_scale), ph, pw, int(sampling_ratio), bool(aligned), pool_mode
+    )
+
+
+def roi_pool(input: Tensor, boxes: BoxesLike, output_size: SizeLike, spatial_scale: float = 1.0) -> Tensor:
+    """RoIPool (Fast R-CNN): the box and its bins snapped to the grid, max over each bin.
+
+    Args:
+        input: ``Tensor[N, C, H, W]``.
+        boxes: ``Tensor[K, 5]`` or ``list[Tensor[L_i, 4]]`` in image pixels.
+        output_size: ``(PH, PW)`` or one int.
+        spatial_scale: feature-map size over image size, e.g. ``1/16``.
+
+    Returns:
+        ``Tensor[K, C, PH, PW]``; an empty bin gives 0.
+    """
+    ph, pw = _pair(output_size)
+    return _ops.roi_pool(input, convert_boxes_to_rois(boxes), float(spatial_scale), ph, pw)
+
+
+def ps_roi_align(
+    input: Tensor,
+    boxes: BoxesLike,
+    output_size: SizeLike,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+) -> Tensor:
+    """Position-sensitive RoIAlign (R-FCN).
+
+    Args:
+        input: ``Tensor[N, C_out * PH * PW, H, W]``.
+        boxes: ``Tensor[K, 5]`` or ``list[Tensor[L_i, 4]]``.
+
+    Returns:
+        ``Tensor[K, C_out, PH, PW]``: channel ``c`` of bin ``(ph, pw)`` reads input channel
+        ``(c * PH + ph) * PW + pw``.
+    """
+    ph, pw = _pair(output_size)
+    return _ops.ps_roi_align(input, convert_boxes_to_rois(boxes), float(spatial_scale), ph, pw, int(sampling_ratio))
+
+
+def ps_roi_pool(input: Tensor, boxes: BoxesLike, output_size: SizeLike, spatial_scale: float = 1.0) -> Tensor:
+    """Position-sensitive RoIPool (R-FCN): the average of each bin's cells.
+
+    Args:
+        input: ``Tensor[N, C_out * PH * PW, H, W]``.
+        boxes: ``Tensor[K, 5]`` or ``list[Tensor[L_i, 4]]``.
+
+    Returns:
+        ``Tensor[K, C_out, PH, PW]``.
+    """
+    ph, pw = _pair(output_size)
+    return _ops.ps_roi_pool(input, convert_boxes_to_rois(boxes), float(spatial_scale), ph, pw)
+
+
+def roi_align_rotated(
+    input: Tensor,
+    rois: BoxesLike,
+    output_size: SizeLike,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = True,
+) -> Tensor:
+    """RoIAlign over rotated boxes (detectron2's ``ROIAlignRotated``).
+
+    Args:
+        input: ``Tensor[N, C, H, W]``.
+        rois: ``Tensor[K, 6]`` as ``(image index, cx, cy, w, h, angle)``, or a list of
+            ``Tensor[L_i, 5]``; the angle is in degrees, counter-clockwise on screen.
+        aligned: ``True`` (detectron2): centre shifted by -0.5 pixel, no minimum size;
+            ``False`` (mmcv legacy): no shift, width and height at least 1.
+
+    Returns:
+        ``Tensor[K, C, PH, PW]``.
+    """
+    ph, pw = _pair(output_size)
+    r = convert_boxes_to_rois(rois, name="rois", cols=5)
+    return _ops.roi_align_rotated(input, r, float(spatial_scale), ph, pw, int(sampling_ratio), bool(aligned))
+
+
+def infer_scales(features: Sequence[Tensor], image_sizes: Sequence[Sequence[int]]) -> list[float]:
+    """Each level's ``spatial_scale`` as torchvision infers it: the power of two closest to
+    ``map height / largest image height``."""
+    if not image_sizes:
+        raise ValueError("image_sizes must list each image's (height, width)")
+    max_h = max(int(s[0]) for s in image_sizes)
+    if max_h <= 0:
+        raise ValueError("image_sizes must be positive")
+    scales = []
+    for i, f in enumerate(features):
+        if not isinstance(f, Tensor) or f.dim() != 4:
+            raise ValueError(f"features[{i}] must be Tensor[N, C, H, W]")
+        approx = float(f.shape[-2]) / float(max_h)
+        if approx <= 0:
+            raise ValueError(f"features[{i}] has an empty spatial size {tuple(f.shape[-2:])}")
+        scales.append(2.0 ** float(torch.tensor(approx).log2().round()))
+    return scales
+
+
+def multiscale_roi_align(
+    features: Sequence[Tensor],
+    boxes: BoxesLike,
+    image_sizes: Sequence[Sequence[int]],
+    output_size: SizeLike,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+    canonical_scale: int = 224,
+    canonical_level: int = 4,
+    pool_mode: str = "avg",
+) -> Tensor:
+    """Multi-scale (FPN) RoIAlign, as torchvision's ``MultiScaleRoIAlign``, in one launch.
+
+    Each box goes to level ``floor(canonical_level + log2(sqrt(area) / canonical_scale) + 1e-6)``,
+    clamped to the levels given, and is pooled there with RoIAlign.
+
+    Args:
+        features: FPN maps ``Tensor[N, C, H_l, W_l]``, finest first (P2, P3, ...).
+        boxes: ``Tensor[K, 5]`` or ``list[Tensor[L_i, 4]]`` in image pixels.
+        image_sizes: ``(height, width)`` of each image; the level scales are inferred from
+            them as torchvision does (``2 ** round(log2(map height / image height))``).
+
+    Returns:
+        ``Tensor[K, C, PH, PW]`` in the order of the boxes.
+    """
+    _check_pool_mode(pool_mode)
+    ph, pw = _pair(output_size)
+    features = list(features)
+    if not features:
+        raise ValueError("features must hold at least one map")
+    scales = infer_scales(features, image_sizes)
+    return _ops.multiscale_roi_align(
+        features,
+        convert_boxes_to_rois(boxes),
+        scales,
+        ph,
+        pw,
+        int(sampling_ratio),
+        bool(aligned),
+        pool_mode,
+        int(canonical_scale),
+        int(canonical_level),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake (meta) implementations: shapes and dtypes only, for torch.compile and opcheck.
+# ---------------------------------------------------------------------------------------------
+
+
+def _empty_like_output(ref: Tensor, k: int, c, ph, pw) -> Tensor:
+    return ref.new_empty((k, c, ph, pw))
+
+
+@torch.library.register_fake("roi_kernels::roi_align")
+def _roi_align_fake(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_mode):
+    torch._check(input.dim() == 4, lambda: "input must be Tensor[N, C, H, W]")
+    torch._check(rois.dim() == 2 and rois.size(1) == 5, lambda: "boxes must be Tensor[K, 5]")
+    return _empty_like_output(input, rois.size(0), input.size(1), pooled_height, pooled_width)
+
+
+@torch.library.register_fake("roi_kernels::roi_align_ragged")
+def _roi_align_ragged_fake(
+    features, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_mode
+):
+    torch._check(len(features) > 0, lambda: "input must hold at least one map")
+    torch._check(rois.dim() == 2 and rois.size(1) == 5, lambda: "boxes must be Tensor[K, 5]")
+    return _empty_like_output(features[0], rois.size(0), features[0].size(0), pooled_height, pooled_width)
+
+
+@torch.library.register_fake("roi_kernels::multiscale_roi_align")
+def _multiscale_fake(
+    features,
+    rois,
+    spatial_scales,
+    pooled_height,
+    pooled_width,
+    sampling_ratio,
+    aligned,
+    pool_mode,
+    canonical_scale,
+    canonical_level,
+):
+    torch._check(len(features) > 0, lambda: "features must hold at least one map")
+    torch._check(rois.dim() == 2 and rois.size(1) == 5, lambda: "boxes must be Tensor[K, 5]")
+    return _empty_like_output(features[0], rois.size(0), features[0].size(1), pooled_height, pooled_width)
+
+
+@torch.library.register_fake("roi_kernels::roi_pool")
+def _roi_pool_fake(input, rois, spatial_scale, pooled_height, pooled_width):
+    torch._check(input.dim() == 4, lambda: "input must be Tensor[N, C, H, W]")
+    torch._check(rois.dim() == 2 and rois.size(1) == 5, lambda: "boxes must be Tensor[K, 5]")
+    return _empty_like_output(input, rois.size(0), input.size(1), pooled_height, pooled_width)
+
+
+def _ps_fake(input, rois, pooled_height, pooled_width):
+    torch._check(input.dim() == 4, lambda: "input must be Tensor[N, C, H, W]")
+    torch._check(rois.dim() == 2 and rois.size(1) == 5, lambda: "boxes must be Tensor[K, 5]")
+    bins = pooled_height * pooled_width
+    torch._check(
+        input.size(1) % bins == 0,
+        lambda: "input channels must be a multiple of output_size[0] * output_size[1]",
+    )
+    return _empty_like_output(input, rois.size(0), input.size(1) // bins, pooled_height, pooled_width)
+
+
+@torch.library.register_fake("roi_kernels::ps_roi_align")
+def _ps_roi_align_fake(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio):
+    return _ps_fake(input, rois, pooled_height, pooled_width)
+
+
+@torch.library.register_fake("roi_kernels::ps_roi_pool")
+def _ps_roi_pool_fake(input, rois, spatial_scale, pooled_height, pooled_width):
+    return _ps_fake(input, rois, pooled_height, pooled_width)
+
+
+@torch.library.register_fake("roi_kernels::roi_align_rotated")
+def _roi_align_rotated_fake(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
+    torch._check(input.dim() == 4, lambda: "input must be Tensor[N, C, H, W]")
+    torch._check(rois.dim() == 2 and rois.size(1) == 6, lambda: "rois must be Tensor[K, 6]")
+    return _empty_like_output(input, rois.size(0), input.size(1), pooled_height, pooled_width)
+
+
