@@ -91,7 +91,7 @@ def build_dir(with_cuda: bool) -> Path:
 
 def _cpu_flags() -> list[str]:
     march = os.environ.get("ROI_KERNELS_MARCH", "native").strip()
-    flags = ["-O3", "-std=c++17", "-fopenmp"]
+    flags = ["-O3", "-fopenmp"]  # torch adds its own -std (C++20 for torch 2.14)
     if march:
         flags.append(f"-march={march}")
     return flags
@@ -109,7 +109,7 @@ def load(verbose: bool | None = None) -> None:
             verbose = os.environ.get("ROI_KERNELS_VERBOSE", "0") == "1"
         directory = build_dir(with_cuda)
         # no --use_fast_math: the GPU must give the CPU's numbers (level assignment, weights)
-        cuda_flags = ["-O3", "-std=c++17", "-lineinfo"]
+        cuda_flags = ["-O3", "-lineinfo"]
         try:
             cpp_extension.load(
                 name=EXTENSION_NAME + ("_cuda" if with_cuda else "_cpu"),
