@@ -91,7 +91,9 @@ def build_dir(with_cuda: bool) -> Path:
 
 def _cpu_flags() -> list[str]:
     march = os.environ.get("ROI_KERNELS_MARCH", "native").strip()
-    flags = ["-O3", "-fopenmp"]  # torch adds its own -std (C++20 for torch 2.14)
+    # torch adds its own -std (C++20 for torch 2.14). No contraction of a*b+c into fused
+    # multiply-adds: the sample geometry must round exactly as torchvision's does.
+    flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
     if march:
         flags.append(f"-march={march}")
     return flags
@@ -108,8 +110,9 @@ def load(verbose: bool | None = None) -> None:
         if verbose is None:
             verbose = os.environ.get("ROI_KERNELS_VERBOSE", "0") == "1"
         directory = build_dir(with_cuda)
-        # no --use_fast_math: the GPU must give the CPU's numbers (level assignment, weights)
-        cuda_flags = ["-O3", "-lineinfo"]
+        # No --use_fast_math and no fused multiply-adds: the GPU must round the sample
+        # geometry, weights and level assignment exactly as the CPU does.
+        cuda_flags = ["-O3", "-lineinfo", "--fmad=false"]
         try:
             cpp_extension.load(
                 name=EXTENSION_NAME + ("_cuda" if with_cuda else "_cpu"),
