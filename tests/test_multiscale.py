@@ -1,0 +1,102 @@
+"""Multi-scale (FPN) roi_align against torchvision's MultiScaleRoIAlign."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from conftest import random_boxes
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.poolers import LevelMapper
+
+import roi_kernels
+
+F32 = dict(rtol=1e-5, atol=1e-6)
+
+
+def fpn_maps(gen, image_sizes, channels=16, levels=(2, 3, 4, 5), dtype=torch.float32):
+    """Maps P_k for a batch padded to the largest image (as a detector's backbone sees it)."""
+    h = max(s[0] for s in image_sizes)
+    w = max(s[1] for s in image_sizes)
+    n = len(image_sizes)
+    return [
+        torch.randn(n, channels, -(-h // 2**k), -(-w // 2**k), generator=gen, dtype=torch.float64).to(dtype)
+        for k in levels
+    ]
+
+
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+@pytest.mark.parametrize("levels", [(2, 3, 4, 5), (3, 4), (4,)])
+@pytest.mark.parametrize("output_size", [7, (14, 14)])
+def test_matches_torchvision(seed, sampling_ratio, levels, output_size):
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [(320, 448), (288, 416)]
+    maps = fpn_maps(gen, sizes, levels=levels)
+    boxes = [random_boxes(gen, 60, h, w, min_side=8, max_side=600)[:, 1:] for h, w in sizes]
+    names = [f"p{k}" for k in levels]
+    tv = MultiScaleRoIAlign(names, output_size, sampling_ratio)
+    ref = tv(dict(zip(names, maps)), boxes, sizes)
+    ours = roi_kernels.multiscale_roi_align(maps, boxes, sizes, output_size, sampling_ratio)
+    torch.testing.assert_close(ours, ref, **F32)
+    module = roi_kernels.MultiScaleRoIAlign(names, output_size, sampling_ratio)
+    torch.testing.assert_close(module(dict(zip(names, maps)), boxes, sizes), ours, rtol=0, atol=0)
+
+
+def test_aligned_and_max_follow_the_level_rule(seed):
+    """aligned=True and pool_mode="max" (which MultiScaleRoIAlign lacks): each box equals
+    roi_align on the level torchvision's LevelMapper gives it."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [(400, 544)]
+    maps = fpn_maps(gen, sizes, channels=8)
+    rois = random_boxes(gen, 120, 400, 544, min_side=8, max_side=800)
+    levels = LevelMapper(2, 5)([rois[:, 1:]])
+    for mode in ("avg", "max"):
+        ours = roi_kernels.multiscale_roi_align(maps, rois, sizes, 7, 2, aligned=True, pool_mode=mode)
+        for lvl in range(4):
+            sel = levels == lvl
+            expected = roi_kernels.roi_align(maps[lvl], rois[sel], 7, 2.0 ** -(lvl + 2), 2, True, mode)
+            torch.testing.assert_close(ours[sel], expected, rtol=0, atol=0)
+            if mode == "avg":
+                tv = torchvision.ops.roi_align(maps[lvl], rois[sel], 7, 2.0 ** -(lvl + 2), 2, True)
+                torch.testing.assert_close(ours[sel], tv, **F32)
+        assert {int(v) for v in levels.unique()} == {0, 1, 2, 3}, "the boxes should cover every level"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dtypes(seed, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [(256, 256)]
+    maps = fpn_maps(gen, sizes, channels=8, dtype=dtype)
+    boxes = random_boxes(gen, 40, 256, 256)
+    ours = roi_kernels.multiscale_roi_align(maps, boxes, sizes, 7, 2)
+    assert ours.dtype == dtype
+    ref = roi_kernels.multiscale_roi_align([m.double() for m in maps], boxes.double(), sizes, 7, 2)
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tol)
+
+
+def test_errors():
+    maps = [torch.randn(1, 4, 16, 16), torch.randn(1, 4, 8, 8)]
+    boxes = torch.tensor([[0.0, 0, 0, 10, 10]])
+    with pytest.raises(RuntimeError, match="spatial_scales must give one scale per feature map"):
+        torch.ops.roi_kernels.multiscale_roi_align(maps, boxes, [0.25], 2, 2, 2, False, "avg", 224, 4)
+    with pytest.raises(RuntimeError, match="consecutive powers"):
+        torch.ops.roi_kernels.multiscale_roi_align(maps, boxes, [0.25, 0.0625], 2, 2, 2, False, "avg", 224, 4)
+    with pytest.raises(RuntimeError, match=r"features\[1\] must have the batch size and channels"):
+        roi_kernels.multiscale_roi_align([maps[0], torch.randn(1, 5, 8, 8)], boxes, [(64, 64)], 2)
+    with pytest.raises(RuntimeError, match=r"spatial_scales\[0\]"):
+        torch.ops.roi_kernels.multiscale_roi_align(maps, boxes, [-0.25, 0.125], 2, 2, 2, False, "avg", 224, 4)
+    with pytest.raises(ValueError, match="image_sizes"):
+        roi_kernels.multiscale_roi_align(maps, boxes, [], 2)
+    with pytest.raises(RuntimeError, match=r"boxes\[:, 0\]"):
+        roi_kernels.multiscale_roi_align(maps, torch.tensor([[3.0, 0, 0, 1, 1]]), [(64, 64)], 2)
+
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(0)
+    maps = fpn_maps(gen, [(128, 160)], channels=4)
+    boxes = random_boxes(gen, 9, 128, 160)
+    torch.library.opcheck(
+        torch.ops.roi_kernels.multiscale_roi_align.default,
+        (maps, boxes, [0.25, 0.125, 0.0625, 0.03125], 3, 3, 2, False, "avg", 224, 4),
+    )
