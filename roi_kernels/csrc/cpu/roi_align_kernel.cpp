@@ -15,6 +15,7 @@
 
 #include "../map_set.h"
 #include "../roi_math.h"
+#include "output_cache.h"
 #include "tiled.h"
 
 namespace roi_kernels {
@@ -217,7 +218,8 @@ at::Tensor run(
     TORCH_CHECK(m.device().is_cpu(), "the CPU roi_align got a map on ", m.device());
   }
   const int64_t num_boxes = s.rois.size(0);
-  at::Tensor out = at::empty({num_boxes, s.channels, pooled_height, pooled_width}, s.first().options());
+  at::Tensor out =
+      cpu::OutputCache::get().empty({num_boxes, s.channels, pooled_height, pooled_width}, s.first().options());
   if (num_boxes == 0 || s.channels == 0) {
     return out;
   }

@@ -12,6 +12,7 @@
 
 #include "../checks.h"
 #include "../roi_math.h"
+#include "output_cache.h"
 #include "tiled.h"
 
 namespace roi_kernels {
@@ -125,7 +126,7 @@ at::Tensor roi_pool_forward_kernel(
   checks::check_scale(spatial_scale);
   checks::check_batch_index(rois, input.size(0));
   const int64_t num_boxes = rois.size(0), channels = input.size(1);
-  at::Tensor out = at::empty({num_boxes, channels, pooled_height, pooled_width}, input.options());
+  at::Tensor out = cpu::OutputCache::get().empty({num_boxes, channels, pooled_height, pooled_width}, input.options());
   if (num_boxes == 0 || channels == 0) {
     return out;
   }

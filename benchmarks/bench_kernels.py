@@ -1,0 +1,206 @@
+"""Our RoI kernels against torchvision's on the standard workloads, side by side in one run.
+
+    python benchmarks/bench_kernels.py                       # CPU, all workloads, float32 + float16
+    python benchmarks/bench_kernels.py --device cuda --dtypes float32 float16 bfloat16
+    python benchmarks/bench_kernels.py --workloads fpn-det --repeat 11 --plot out.png
+
+For each workload and dtype: the median of --repeat timed runs after a warm-up, for us and
+for torchvision on the same inputs, their ratio, and our time over the workload's floor (its
+bytes at the measured copy bandwidth, or its arithmetic at the measured multiply-add rate,
+whichever is longer). Prints a Markdown table (and --json rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from torchvision.ops.poolers import LevelMapper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import workloads  # noqa: E402
+
+import roi_kernels  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, device: str, repeat: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def machine_rates(device: str) -> tuple[float, float]:
+    """(copy bandwidth in bytes/s counting read + write, float32 multiply-adds per second)."""
+    n = 64 * 2**20  # 256 MB of float32
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, 5)
+    bandwidth = 2 * src.numel() * 4 / (ms / 1e3)
+    a = torch.randn(1024, 1024, device=device)
+    ms = median_ms(lambda: a @ a, device, 5)
+    fma_rate = 1024**3 / (ms / 1e3)
+    return bandwidth, fma_rate
+
+
+def ours(w: workloads.Workload):
+    if w.op == "roi_pool":
+        return lambda: roi_kernels.roi_pool(w.maps[0], w.boxes, w.output_size, w.spatial_scale)
+    if w.op == "roi_align":
+        return lambda: roi_kernels.roi_align(
+            w.maps[0], w.boxes, w.output_size, w.spatial_scale, w.sampling_ratio, w.aligned
+        )
+    if w.op == "ragged_roi_align":
+        return lambda: roi_kernels.roi_align(w.maps, w.boxes, w.output_size, w.spatial_scale, w.sampling_ratio, w.aligned)
+    return lambda: roi_kernels.multiscale_roi_align(
+        w.maps, w.boxes, w.image_sizes, w.output_size, w.sampling_ratio, w.aligned
+    )
+
+
+def torchvision_fn(w: workloads.Workload):
+    """What a user has without us: torchvision's ops (its MultiScaleRoIAlign algorithm with the
+    workload's `aligned`, which the module itself does not expose; a per-image loop for a
+    ragged batch)."""
+    ops = torchvision.ops
+    if w.op == "roi_pool":
+        return lambda: ops.roi_pool(w.maps[0], w.boxes, w.output_size, w.spatial_scale)
+    if w.op == "roi_align":
+        return lambda: ops.roi_align(w.maps[0], w.boxes, w.output_size, w.spatial_scale, w.sampling_ratio, w.aligned)
+    if w.op == "ragged_roi_align":
+
+        def ragged():
+            out = w.maps[0].new_empty(w.num_boxes, w.channels, *w.output_size)
+            for i, m in enumerate(w.maps):
+                sel = (w.boxes[:, 0] == i).nonzero().squeeze(1)
+                b = w.boxes[sel].clone()
+                b[:, 0] = 0
+                out[sel] = ops.roi_align(m[None], b, w.output_size, w.spatial_scale, w.sampling_ratio, w.aligned)
+            return out
+
+        return ragged
+    scales = roi_kernels.infer_scales(w.maps, w.image_sizes)
+    k_min = int(-torch.log2(torch.tensor(scales[0])).item())
+    k_max = int(-torch.log2(torch.tensor(scales[-1])).item())
+    mapper = LevelMapper(k_min, k_max)
+
+    def multiscale():
+        levels = mapper([w.boxes[:, 1:]])
+        out = w.maps[0].new_zeros(w.num_boxes, w.channels, *w.output_size)
+        for lvl, (m, s) in enumerate(zip(w.maps, scales)):
+            idx = torch.where(levels == lvl)[0]
+            out[idx] = ops.roi_align(m, w.boxes[idx], w.output_size, s, w.sampling_ratio, w.aligned)
+        return out
+
+    return multiscale
+
+
+def floor_ms(w: workloads.Workload, dtype: torch.dtype, bandwidth: float, fma_rate: float) -> float:
+    size = torch.tensor([], dtype=dtype).element_size()
+    moved = sum(m.numel() for m in w.maps) * size + w.output_elements() * size
+    fmas = 4 * float(workloads.samples_per_box(w).sum()) * w.channels
+    return max(moved / bandwidth, fmas / fma_rate) * 1e3
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for both contenders")
+    parser.add_argument("--workloads", nargs="+", default=list(workloads.NAMES), choices=workloads.NAMES)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "float16"], choices=list(DTYPES))
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    parser.add_argument("--plot", type=Path, help="write a bar chart of the speed-ups (PNG)")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    device = args.device
+    bandwidth, fma_rate = machine_rates(device)
+    print(
+        f"# device={device} ({platform.processor() or platform.machine()}), threads={torch.get_num_threads()}, "
+        f"torch {torch.__version__}, torchvision {torchvision.__version__}",
+        flush=True,
+    )
+    print(f"# copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write), {fma_rate / 1e9:.1f} G multiply-adds/s", flush=True)
+    print("| workload | op | dtype | device | threads | ours ms | torchvision ms | speed-up | floor ms | ours / floor | max abs diff |")
+    print("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    for name in args.workloads:
+        for dname in args.dtypes:
+            dtype = DTYPES[dname]
+            w = workloads.make(name, dtype)
+            w.maps = [m.to(device) for m in w.maps]
+            w.boxes = w.boxes.to(device)
+            f_ours, f_tv = ours(w), torchvision_fn(w)
+            mine = f_ours()
+            try:
+                theirs = f_tv()
+                diff = (mine.float() - theirs.float()).abs().max().item() if mine.numel() else 0.0
+            except (RuntimeError, NotImplementedError) as exc:  # e.g. no bfloat16 kernel
+                theirs, diff = None, float("nan")
+                reason = str(exc).splitlines()[0][:60]
+            t_ours = median_ms(f_ours, device, args.repeat)
+            t_tv = median_ms(f_tv, device, args.repeat) if theirs is not None else float("nan")
+            floor = floor_ms(w, dtype, bandwidth, fma_rate)
+            row = dict(
+                workload=name,
+                op=w.op,
+                dtype=dname,
+                device=device,
+                threads=torch.get_num_threads(),
+                ours_ms=t_ours,
+                torchvision_ms=t_tv,
+                speedup=t_tv / t_ours,
+                floor_ms=floor,
+                over_floor=t_ours / floor,
+                max_abs_diff=diff,
+            )
+            rows.append(row)
+            tv_cell = f"{t_tv:.2f}" if theirs is not None else f"n/a ({reason})"
+            print(
+                f"| {name} | {w.op} | {dname} | {device} | {row['threads']} | {t_ours:.2f} | {tv_cell} | "
+                f"{row['speedup']:.1f}x | {floor:.2f} | {row['over_floor']:.1f} | {diff:.2g} |",
+                flush=True,
+            )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        ok = [r for r in rows if r["speedup"] == r["speedup"]]
+        fig, ax = plt.subplots(figsize=(9, 0.45 * len(ok) + 1.5))
+        labels = [f"{r['workload']} {r['dtype']}" for r in ok]
+        ax.barh(labels, [r["speedup"] for r in ok], color="tab:blue")
+        ax.axvline(1.0, color="grey", lw=1)
+        ax.set_xlabel(f"speed-up over torchvision ({device}, {torch.get_num_threads()} threads)")
+        ax.invert_yaxis()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        print(f"# plot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
