@@ -37,8 +37,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import roi_kernels  # noqa: F401  (registers the fake implementations)
 
-    ops = sorted(n for n in dir(torch.ops.roi_kernels) if not n.startswith("_"))
-    print(f"built in {time.perf_counter() - start:.1f} s; ops: {', '.join(ops)}")
+    names = sorted(
+        {n for n in torch._C._dispatch_get_registrations_for_dispatch_key("") if n.startswith("roi_kernels::")}
+    )
+    print(f"built in {time.perf_counter() - start:.1f} s")
+    for key in ("CPU", "CUDA") if with_cuda else ("CPU",):
+        ops = [n.split("::")[1] for n in names if torch._C._dispatch_has_kernel_for_dispatch_key(n, key)]
+        print(f"{key} kernels: {', '.join(ops) or 'none'}")
     return 0
 
 
