@@ -133,6 +133,7 @@ def load(verbose: bool | None = None) -> None:
                 f"building the roi_kernels extension failed; the compiler's log is {log} "
                 f"(build folder {directory}; set ROI_KERNELS_VERBOSE=1 to see the commands)"
             ) from None
+        (directory / "build.log").unlink(missing_ok=True)  # a log of an earlier failure
         _LOADED["ext"] = directory
 
 
