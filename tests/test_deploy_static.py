@@ -348,7 +348,7 @@ def test_compose_stack(variant, compose_cpu, compose_gpu):
     loadtest = services["loadtest"]
     assert loadtest["profiles"] == ["loadtest"]
     assert loadtest["build"]["target"] == "loadtest"
-    assert f"--target=roi-server:{GRPC_PORT}" in loadtest["command"]
+    assert f"roi-server:{GRPC_PORT}" in loadtest["command"]
     assert loadtest["depends_on"]["roi-server"]["condition"] == "service_healthy"
 
     for name in ("prometheus", "grafana"):
@@ -356,6 +356,16 @@ def test_compose_stack(variant, compose_cpu, compose_gpu):
             source = volume.split(":")[0] if isinstance(volume, str) else volume.get("source")
             if source.startswith("/"):
                 assert Path(source).exists(), f"{name} mounts {source}, which does not exist"
+
+
+def test_compose_loadtest_command_is_accepted_by_the_load_tester(compose_cpu):
+    if not (ROOT / "client" / "roi_client" / "loadtest" / "cli.py").exists():
+        pytest.skip("roi_client.loadtest.cli does not exist yet")
+    from roi_client.loadtest.cli import build_parser
+
+    command = compose_cpu["services"]["loadtest"]["command"]
+    args = build_parser().parse_args(command)
+    assert args.targets == [f"roi-server:{GRPC_PORT}"]
 
 
 def test_compose_prometheus_scrapes_the_server_metrics_port(compose_cpu):
@@ -448,6 +458,7 @@ def exported_sample_names() -> tuple[set[str], str]:
         names = set().union(*(family_sample_names(n, k) for n, k in PLANNED_METRICS.items()))
         return names, "the agreed metric list (server/roi_server/metrics.py does not exist yet)"
     import importlib
+    import inspect
 
     import prometheus_client
     from prometheus_client.registry import CollectorRegistry
@@ -455,12 +466,15 @@ def exported_sample_names() -> tuple[set[str], str]:
     module = importlib.import_module("roi_server.metrics")
     registries = [v for v in vars(module).values() if isinstance(v, CollectorRegistry)]
     for value in vars(module).values():
-        # A class or factory that builds its metrics on a registry given to it.
+        # A class that builds every metric on a registry given to it (one per server); only one
+        # that needs nothing else, so that nothing with side effects (an HTTP server) is started.
         if isinstance(value, type) and value.__module__ == module.__name__:
-            try:
-                instance = value(registry=CollectorRegistry())
-            except TypeError:
+            params = list(inspect.signature(value).parameters.values())
+            if "registry" not in [p.name for p in params] or any(
+                p.name != "registry" and p.default is p.empty for p in params
+            ):
                 continue
+            instance = value(registry=CollectorRegistry())
             registries += [r for r in vars(instance).values() if isinstance(r, CollectorRegistry)]
     registries.append(prometheus_client.REGISTRY)
     names = set()
