@@ -1,0 +1,121 @@
+"""The asyncio client: the methods of :class:`~roi_client.RoIClient`, awaited."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
+from typing import Any
+
+import grpc
+
+from . import results
+from .channel import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TARGET,
+    DESCRIBE,
+    HEALTH_CHECK,
+    POOL,
+    POOL_STREAM,
+    channel_options,
+    channel_target,
+    health_request,
+    health_status,
+)
+from .errors import RoIError
+from .op_methods import UNSET, OpMethods
+from .request import EncodedRequest
+from .results import PoolResult, ServerInfo
+
+
+class AsyncRoIClient(OpMethods):
+    """As :class:`~roi_client.RoIClient`, for asyncio: ``await client.roi_align(...)``. Use it
+    as ``async with AsyncRoIClient(...) as client``, from one event loop.
+
+    The op methods encode the request when called (on the caller's thread) and return an
+    awaitable of the result.
+    """
+
+    def __init__(
+        self,
+        target: str | Sequence[str] = DEFAULT_TARGET,
+        *,
+        timeout: float | None = 30.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        credentials: grpc.ChannelCredentials | None = None,
+        max_attempts: int = 5,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.target = channel_target(target)
+        self.timeout = timeout
+        opts = channel_options(max_message_bytes, max_attempts) + list(options)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(self.target, options=opts)
+        else:
+            self._channel = grpc.aio.secure_channel(self.target, credentials, options=opts)
+        self._pool = self._channel.unary_unary(POOL)
+        self._stream = self._channel.stream_stream(POOL_STREAM)
+        self._describe = self._channel.unary_unary(DESCRIBE)
+        self._health = self._channel.unary_unary(HEALTH_CHECK)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncRoIClient:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    def _timeout(self, timeout: Any) -> float | None:
+        return self.timeout if timeout is UNSET else timeout
+
+    async def pool_with_timings(self, request: EncodedRequest, *, timeout: float | None = UNSET) -> PoolResult:
+        try:
+            raw = await self._pool(request.payload, timeout=self._timeout(timeout))
+        except grpc.RpcError as exc:
+            raise RoIError.from_rpc_error(exc) from None
+        return results.decode_response(raw, request)
+
+    async def pool(self, request: EncodedRequest, *, timeout: float | None = UNSET) -> Any:
+        return (await self.pool_with_timings(request, timeout=timeout)).output
+
+    async def pool_stream(
+        self,
+        requests: Iterable[EncodedRequest] | AsyncIterable[EncodedRequest],
+        *,
+        timeout: float | None = UNSET,
+    ) -> AsyncIterator[PoolResult]:
+        """As :meth:`RoIClient.pool_stream`; ``requests`` may be an async iterable."""
+        as_torch: dict[str, bool] = {}
+
+        async def payloads() -> AsyncIterator[bytes]:
+            if isinstance(requests, AsyncIterable):
+                async for r in requests:
+                    as_torch[r.id] = r.as_torch
+                    yield r.payload
+            else:
+                for r in requests:
+                    as_torch[r.id] = r.as_torch
+                    yield r.payload
+
+        call = self._stream(payloads(), timeout=self._timeout(timeout))
+        try:
+            async for raw in call:
+                yield results.decode_stream_response(raw, as_torch)
+        except grpc.RpcError as exc:
+            raise RoIError.from_rpc_error(exc) from None
+        finally:
+            call.cancel()
+
+    async def describe(self, *, timeout: float | None = UNSET) -> ServerInfo:
+        try:
+            raw = await self._describe(b"", timeout=self._timeout(timeout))
+        except grpc.RpcError as exc:
+            raise RoIError.from_rpc_error(exc) from None
+        return results.decode_describe(raw)
+
+    async def health(self, service: str = "", *, timeout: float | None = UNSET) -> str:
+        try:
+            raw = await self._health(health_request(service), timeout=self._timeout(timeout))
+        except grpc.RpcError as exc:
+            raise RoIError.from_rpc_error(exc) from None
+        return health_status(raw)

@@ -1,0 +1,119 @@
+"""Channel settings shared by the blocking and the asyncio client: target, options, and the
+service config (round-robin balancing, retries of UNAVAILABLE)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+from collections.abc import Sequence
+
+import grpc
+
+from .errors import RoIError
+
+SERVICE = "roi.v1.RoIService"
+POOL = f"/{SERVICE}/Pool"
+POOL_STREAM = f"/{SERVICE}/PoolStream"
+DESCRIBE = f"/{SERVICE}/Describe"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 << 20
+DEFAULT_TARGET = "localhost:50051"
+
+
+def service_config(max_attempts: int = 5) -> str:
+    """Round-robin over every address the target resolves to, and retries of UNAVAILABLE
+    (a server that is starting, draining or gone) with exponential backoff. Only UNAVAILABLE is
+    retried: the others are answers, and a retried RESOURCE_EXHAUSTED would add load to a
+    server that has just said it has too much."""
+    config: dict = {"loadBalancingConfig": [{"round_robin": {}}]}
+    if max_attempts > 1:
+        config["methodConfig"] = [
+            {
+                "name": [{"service": SERVICE}, {"service": "grpc.health.v1.Health"}],
+                "retryPolicy": {
+                    "maxAttempts": min(max_attempts, 5),  # gRPC caps attempts at 5
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    return json.dumps(config)
+
+
+def channel_options(max_message_bytes: int, max_attempts: int = 5) -> list[tuple[str, object]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # A ping every 30 s on an idle connection keeps NATs and load balancers from dropping
+        # it; the server accepts pings every 10 s (a faster rate earns GOAWAY too_many_pings).
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.enable_retries", 1 if max_attempts > 1 else 0),
+        # A retried call is replayed from a buffer, 256 KiB by default: requests bigger than
+        # that would not be retried at all.
+        ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
+        ("grpc.retry_buffer_size", max_message_bytes),
+        ("grpc.service_config", service_config(max_attempts)),
+    ]
+
+
+def _split_host_port(address: str) -> tuple[str, str]:
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        return host, rest.lstrip(":")
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise RoIError.invalid_argument(f"address {address!r} must be host:port")
+    return host, port
+
+
+def channel_target(target: str | Sequence[str]) -> str:
+    """One gRPC target for one or several addresses.
+
+    One address (or any gRPC target, such as ``dns:///roi.example:50051``) is used as it is.
+    Several ``host:port`` addresses become an ``ipv4:``/``ipv6:`` list, balanced round-robin;
+    host names among them are resolved once, here. (For a set of servers that changes, give
+    one ``dns:///`` name that resolves to all of them.)
+    """
+    if isinstance(target, str):
+        return target
+    addresses = list(target)
+    if not addresses:
+        raise RoIError.invalid_argument("target: give at least one address")
+    if len(addresses) == 1:
+        return addresses[0]
+    v4, v6 = [], []
+    for address in addresses:
+        host, port = _split_host_port(address)
+        try:
+            ips = [ipaddress.ip_address(host)]
+        except ValueError:
+            try:
+                infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+            except socket.gaierror as exc:
+                raise RoIError(grpc.StatusCode.UNAVAILABLE, f"cannot resolve {host!r}: {exc}") from None
+            ips = [ipaddress.ip_address(info[4][0]) for info in infos[:1]]
+        for ip in ips:
+            (v4 if ip.version == 4 else v6).append(f"{ip}:{port}" if ip.version == 4 else f"[{ip}]:{port}")
+    if v4 and v6:
+        raise RoIError.invalid_argument("target: mix of IPv4 and IPv6 addresses; give one family or a dns:/// name")
+    return ("ipv4:" + ",".join(v4)) if v4 else ("ipv6:" + ",".join(v6))
+
+
+def health_request(service: str) -> bytes:
+    from grpc_health.v1 import health_pb2
+
+    return health_pb2.HealthCheckRequest(service=service).SerializeToString()
+
+
+def health_status(raw: bytes) -> str:
+    from grpc_health.v1 import health_pb2
+
+    status = health_pb2.HealthCheckResponse.FromString(raw).status
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(status)

@@ -1,0 +1,365 @@
+"""Dynamic batching: concurrent compatible requests become one kernel launch.
+
+Requests with the same :attr:`~roi_server.codec.DecodedRequest.key` (op, parameters, dtype,
+channels, and the map sizes where the op needs them equal) join one open group. A group is
+ready to run when it reaches a cap (requests, boxes or map bytes) or when ``max_wait`` has
+passed since its first request. A ready group keeps taking compatible requests until the
+device is free to run it, so batches grow with the load instead of with the timer.
+
+The device's worker thread checks each request again when its batch starts: one whose client
+went away or whose deadline passed is not computed. If a batch's launch fails, each of its
+requests is run alone, so that one bad request fails only itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from .codec import DecodedRequest
+from .engine import KernelEngine, Launched
+from .errors import DeadlineExpired, KernelError, QueueFull, ServiceError, Unavailable, kernel_message
+from .metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_requests: int = 64
+    max_batch_boxes: int = 8192
+    max_batch_bytes: int = 256 << 20
+    max_wait_s: float = 0.002
+    max_queue: int = 256
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One request's share of a batch."""
+
+    output: torch.Tensor
+    queue_s: float
+    compute_s: float
+    batch_id: int
+    batch_requests: int
+    batch_boxes: int
+
+
+@dataclass(eq=False)
+class Ticket:
+    req: DecodedRequest
+    future: asyncio.Future
+    arrived: float
+    deadline: float | None = None
+    # Written on the event loop, read by the worker thread (a bool read needs no lock).
+    cancelled: bool = False
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+    def alive(self, now: float) -> bool:
+        return not self.cancelled and not self.expired(now)
+
+
+@dataclass(eq=False)
+class _Group:
+    key: tuple
+    tickets: list[Ticket] = field(default_factory=list)
+    boxes: int = 0
+    nbytes: int = 0
+    ready: bool = False
+    dispatched: bool = False
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass
+class _Outcome:
+    """What the worker thread made of a batch."""
+
+    live: list[Ticket]
+    dead: list[Ticket]
+    launch_start: float = 0.0
+    launched: Launched | None = None
+    # Per live ticket when the batch failed and its requests ran alone: a result or an error.
+    singles: list[tuple[Launched | None, BaseException | None]] | None = None
+
+
+class DynamicBatcher:
+    def __init__(self, engine: KernelEngine, policy: BatchPolicy, metrics: ServiceMetrics | None = None) -> None:
+        self.engine = engine
+        self.policy = policy
+        self.metrics = metrics
+        self._open: dict[tuple, _Group] = {}
+        self._ready: deque[_Group] = deque()
+        self._depth = 0
+        self._closed = False
+        self._wake: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._dispatcher: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()
+        self._batch_ids = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.engine.pipeline_depth)
+        self._dispatcher = asyncio.create_task(self._dispatch_forever(), name="roi-batcher")
+
+    async def close(self) -> None:
+        """Refuses new requests, runs every queued one without waiting for timers, returns
+        when all have finished."""
+        self._closed = True
+        for group in list(self._open.values()):
+            self._mark_ready(group)
+        while self._depth > 0 or self._ready or self._running:
+            if self._running:
+                await asyncio.wait(set(self._running))
+            else:
+                await asyncio.sleep(0.001)
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            try:
+                await self._dispatcher
+            except asyncio.CancelledError:
+                pass
+
+    @property
+    def queue_depth(self) -> int:
+        return self._depth
+
+    # -- submission ---------------------------------------------------------------------------
+
+    async def submit(self, req: DecodedRequest, timeout_s: float | None = None) -> BatchResult:
+        """Queues ``req`` and returns its result. ``timeout_s`` is the time left before the
+        client's deadline (None: no deadline)."""
+        if self._closed or self._loop is None:
+            raise Unavailable("the server is shutting down")
+        if self._depth >= self.policy.max_queue:
+            raise QueueFull(f"queue full ({self.policy.max_queue} requests waiting); retry later")
+        now = time.perf_counter()
+        ticket = Ticket(
+            req=req,
+            future=self._loop.create_future(),
+            arrived=now,
+            deadline=None if timeout_s is None else now + timeout_s,
+        )
+        self._add(ticket)
+        try:
+            return await ticket.future
+        except asyncio.CancelledError:
+            ticket.cancelled = True
+            self._withdraw(ticket)
+            raise
+
+    def _fits(self, group: _Group, req: DecodedRequest) -> bool:
+        p = self.policy
+        return (
+            len(group.tickets) < p.max_batch_requests
+            and group.boxes + req.num_boxes <= p.max_batch_boxes
+            and group.nbytes + req.map_bytes <= p.max_batch_bytes
+        )
+
+    def _full(self, group: _Group) -> bool:
+        p = self.policy
+        return len(group.tickets) >= p.max_batch_requests or group.boxes >= p.max_batch_boxes or group.nbytes >= p.max_batch_bytes
+
+    def _add(self, ticket: Ticket) -> None:
+        req = ticket.req
+        group = self._open.get(req.key)
+        if group is not None and group.tickets and not self._fits(group, req):
+            self._close_group(group)
+            group = None
+        if group is None:
+            group = _Group(req.key)
+            self._open[req.key] = group
+            if self.policy.max_wait_s > 0:
+                assert self._loop is not None
+                group.timer = self._loop.call_later(self.policy.max_wait_s, self._mark_ready, group)
+            else:
+                self._mark_ready(group)
+        group.tickets.append(ticket)
+        group.boxes += req.num_boxes
+        group.nbytes += req.map_bytes
+        self._set_depth(self._depth + 1)
+        if self._full(group):
+            self._close_group(group)
+
+    def _close_group(self, group: _Group) -> None:
+        """No more requests join ``group``; it runs when the device is free."""
+        if self._open.get(group.key) is group:
+            del self._open[group.key]
+        self._mark_ready(group)
+
+    def _mark_ready(self, group: _Group) -> None:
+        if group.ready or group.dispatched:
+            return
+        group.ready = True
+        if group.timer is not None:
+            group.timer.cancel()
+            group.timer = None
+        self._ready.append(group)
+        assert self._wake is not None
+        self._wake.set()
+
+    def _withdraw(self, ticket: Ticket) -> None:
+        """Takes a cancelled request out of its group if the group has not started."""
+        group = self._open.get(ticket.req.key)
+        candidates = [group] if group is not None else []
+        candidates += [g for g in self._ready if g is not group]
+        for g in candidates:
+            if ticket in g.tickets:
+                g.tickets.remove(ticket)
+                g.boxes -= ticket.req.num_boxes
+                g.nbytes -= ticket.req.map_bytes
+                self._set_depth(self._depth - 1)
+                return
+
+    def _set_depth(self, depth: int) -> None:
+        self._depth = depth
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(depth)
+
+    # -- dispatch -----------------------------------------------------------------------------
+
+    async def _dispatch_forever(self) -> None:
+        assert self._wake is not None and self._slots is not None
+        while True:
+            await self._slots.acquire()
+            while not self._ready:
+                self._wake.clear()
+                await self._wake.wait()
+            group = self._ready.popleft()
+            if self._open.get(group.key) is group:
+                del self._open[group.key]
+            group.dispatched = True
+            tickets = list(group.tickets)
+            self._set_depth(self._depth - len(tickets))
+            if not tickets:
+                self._slots.release()
+                continue
+            task = asyncio.create_task(self._run(tickets))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, tickets: list[Ticket]) -> None:
+        assert self._loop is not None and self._slots is not None
+        batch_id = next(self._batch_ids)
+        try:
+            outcome = await self._loop.run_in_executor(self.engine.worker, self._launch_live, tickets)
+            if outcome.launched is not None and not outcome.launched.done:
+                assert self.engine.waiter is not None
+                try:
+                    await self._loop.run_in_executor(self.engine.waiter, outcome.launched.wait)
+                except Exception as exc:  # noqa: BLE001  (the batch failed on the device: retry alone)
+                    log.warning("batch %d failed on the device (%s); running its requests one by one", batch_id, exc)
+                    outcome.launched = None
+                    outcome.singles = await self._loop.run_in_executor(self.engine.worker, self._run_singly, outcome.live)
+            self._resolve(batch_id, outcome)
+        except BaseException as exc:  # noqa: BLE001  (never leave a client waiting)
+            if not isinstance(exc, asyncio.CancelledError):
+                log.exception("batch %d: unexpected failure", batch_id)
+            for t in tickets:
+                if not t.future.done():
+                    t.future.set_exception(ServiceError("internal error (logged by the server)"))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        finally:
+            self._slots.release()
+
+    # Runs on the worker thread.
+    def _launch_live(self, tickets: list[Ticket]) -> _Outcome:
+        now = time.perf_counter()
+        live = [t for t in tickets if t.alive(now)]
+        outcome = _Outcome(live=live, dead=[t for t in tickets if not t.alive(now)], launch_start=now)
+        if not live:
+            return outcome
+        try:
+            outcome.launched = self.engine.launch([t.req for t in live])
+        except Exception as exc:  # noqa: BLE001
+            if len(live) > 1:
+                log.warning("batch of %d failed (%s); running its requests one by one", len(live), kernel_message(exc))
+            outcome.singles = self._run_singly(live)
+        return outcome
+
+    # Runs on the worker thread.
+    def _run_singly(self, live: list[Ticket]) -> list[tuple[Launched | None, BaseException | None]]:
+        results: list[tuple[Launched | None, BaseException | None]] = []
+        for t in live:
+            try:
+                launched = self.engine.launch([t.req])
+                launched.wait()
+                results.append((launched, None))
+            except Exception as exc:  # noqa: BLE001
+                results.append((None, exc))
+        return results
+
+    def _resolve(self, batch_id: int, outcome: _Outcome) -> None:
+        for t in outcome.dead:
+            if not t.future.done():
+                t.future.set_exception(DeadlineExpired("deadline passed while the request was queued"))
+        if not outcome.live:
+            return
+        op = outcome.live[0].req.op
+        if outcome.launched is not None:
+            launched = outcome.launched
+            assert launched.outputs is not None
+            boxes = sum(t.req.num_boxes for t in outcome.live)
+            self._record_batch(op, len(outcome.live), boxes, launched.compute_s)
+            for t, out in zip(outcome.live, launched.outputs):
+                self._deliver(t, out, outcome.launch_start, launched.compute_s, batch_id, len(outcome.live), boxes)
+            return
+        assert outcome.singles is not None
+        for i, (t, (launched, exc)) in enumerate(zip(outcome.live, outcome.singles)):
+            if launched is None:
+                assert exc is not None
+                if not t.future.done():
+                    t.future.set_exception(_request_error(exc))
+                continue
+            assert launched.outputs is not None
+            self._record_batch(op, 1, t.req.num_boxes, launched.compute_s)
+            sub_id = batch_id if i == 0 else next(self._batch_ids)
+            self._deliver(t, launched.outputs[0], outcome.launch_start, launched.compute_s, sub_id, 1, t.req.num_boxes)
+
+    def _record_batch(self, op: str, requests: int, boxes: int, compute_s: float) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        m.batches.labels(op=op).inc()
+        m.batch_requests.observe(requests)
+        m.batch_boxes.observe(boxes)
+        m.compute.labels(op=op).observe(compute_s)
+
+    def _deliver(
+        self, t: Ticket, out: torch.Tensor, launch_start: float, compute_s: float, batch_id: int, n: int, boxes: int
+    ) -> None:
+        queue_s = max(0.0, launch_start - t.arrived)
+        if self.metrics is not None:
+            self.metrics.queue_wait.labels(op=t.req.op).observe(queue_s)
+        if not t.future.done():
+            t.future.set_result(BatchResult(out, queue_s, compute_s, batch_id, n, boxes))
+
+
+def _request_error(exc: BaseException) -> ServiceError:
+    """A single request's kernel failure, as the client sees it."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, torch.OutOfMemoryError):
+        return ServiceError("out of device memory for this request", code=grpc.StatusCode.RESOURCE_EXHAUSTED)
+    if isinstance(exc, (RuntimeError, ValueError, IndexError, TypeError)):
+        # The kernels' argument checks (TORCH_CHECK) raise these; the service validates the
+        # same preconditions first, so reaching here means an input the kernel refused.
+        log.info("kernel refused a request: %s", kernel_message(exc))
+        return KernelError(f"the kernel refused the input: {kernel_message(exc)}")
+    log.error("unexpected error from the kernel", exc_info=exc)
+    return ServiceError("internal error (logged by the server)")
+

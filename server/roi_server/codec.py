@@ -1,0 +1,386 @@
+"""Requests off the wire: validation, and tensors as zero-copy views of the message's bytes.
+
+:func:`decode_request` checks everything the service can check before a kernel sees the input
+(dtypes, byte lengths, shapes, box values, image indices, parameters, the per-request caps) and
+raises :class:`~roi_server.errors.InvalidArgument` naming the field. What it returns holds torch
+tensors that share memory with the protobuf bytes: the kernels only read them.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from roi_client import codec as wire
+from roi_client._proto.roi.v1 import roi_pb2
+
+from .errors import InvalidArgument, Unimplemented
+
+# The maps are read-only views of the request's bytes, which the kernels never write; torch's
+# warning about that is noise.
+warnings.filterwarnings("ignore", message="The given (NumPy array|buffer) is not writable")
+
+OP_NAMES: dict[int, str] = {
+    roi_pb2.OP_ROI_ALIGN: "roi_align",
+    roi_pb2.OP_ROI_POOL: "roi_pool",
+    roi_pb2.OP_PS_ROI_ALIGN: "ps_roi_align",
+    roi_pb2.OP_PS_ROI_POOL: "ps_roi_pool",
+    roi_pb2.OP_ROI_ALIGN_ROTATED: "roi_align_rotated",
+    roi_pb2.OP_MULTISCALE_ROI_ALIGN: "multiscale_roi_align",
+}
+ALL_OPS = tuple(OP_NAMES.values())
+
+TORCH_DTYPES: dict[int, torch.dtype] = {
+    roi_pb2.DTYPE_FLOAT32: torch.float32,
+    roi_pb2.DTYPE_FLOAT16: torch.float16,
+    roi_pb2.DTYPE_BFLOAT16: torch.bfloat16,
+    roi_pb2.DTYPE_FLOAT64: torch.float64,
+}
+WIRE_OF_TORCH = {v: k for k, v in TORCH_DTYPES.items()}
+BOX_DTYPES = (roi_pb2.DTYPE_FLOAT32, roi_pb2.DTYPE_FLOAT64)
+
+# The kernels' own bound (checks.h); more samples per bin than this is refused there too.
+MAX_SAMPLING_RATIO = 1024
+
+_WITH_SAMPLING = {"roi_align", "ps_roi_align", "roi_align_rotated", "multiscale_roi_align"}
+_WITH_ALIGNED = {"roi_align", "roi_align_rotated", "multiscale_roi_align"}
+_WITH_POOL_MODE = {"roi_align", "multiscale_roi_align"}
+_POSITION_SENSITIVE = {"ps_roi_align", "ps_roi_pool"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request caps, from the settings."""
+
+    max_boxes: int
+    max_output_elements: int
+    max_message_bytes: int
+
+
+@dataclass
+class DecodedRequest:
+    """One validated request, ready for a kernel.
+
+    ``maps`` by ``layout``: "dense" ``[Tensor[N, C, H, W]]``; "ragged" ``[Tensor[C, H_i, W_i]]``
+    (one per image); "pyramid" ``[Tensor[N, C, H_l, W_l]]`` (one per level, ``scales``).
+    ``rois`` is ``Tensor[K, 5]`` (rotated ``[K, 6]``) in the kernels' accumulation dtype.
+    """
+
+    id: str
+    op: str
+    layout: str
+    maps: list[torch.Tensor]
+    rois: torch.Tensor
+    num_images: int
+    channels: int
+    out_channels: int
+    pooled_height: int
+    pooled_width: int
+    spatial_scale: float
+    sampling_ratio: int
+    aligned: bool
+    pool_mode: str
+    canonical_scale: int
+    canonical_level: int
+    scales: tuple[float, ...]
+    dtype: torch.dtype
+    out_dtype: torch.dtype
+    map_bytes: int
+    key: tuple = field(default=())
+
+    @property
+    def num_boxes(self) -> int:
+        return int(self.rois.shape[0])
+
+    @property
+    def output_shape(self) -> tuple[int, int, int, int]:
+        return (self.num_boxes, self.out_channels, self.pooled_height, self.pooled_width)
+
+
+def _tensor(msg: roi_pb2.Tensor, name: str, allowed: tuple[int, ...] | None = None) -> torch.Tensor:
+    if allowed is not None and msg.dtype in wire.WIRE_DTYPES and msg.dtype not in allowed:
+        names = ", ".join(wire.dtype_name(d) for d in allowed)
+        raise InvalidArgument(f"{name}.dtype", f"must be {names}, got {wire.dtype_name(msg.dtype)}")
+    data = msg.data  # each read of a bytes field copies it: read it once
+    try:
+        words, shape = wire.wire_layout(msg, name, len(data))
+    except ValueError as exc:
+        field_name, _, problem = str(exc).partition(": ")
+        raise InvalidArgument(field_name, problem) from None
+    arr = wire.decode_words(data, words, shape)
+    t = torch.from_numpy(arr)
+    if msg.dtype == roi_pb2.DTYPE_BFLOAT16:
+        t = t.view(torch.bfloat16)
+    return t
+
+
+def _check_map(t: torch.Tensor, name: str, dims: int) -> None:
+    if t.dim() != dims:
+        want = "[N, C, H, W]" if dims == 4 else "[C, H, W]"
+        raise InvalidArgument(f"{name}.shape", f"must be {want}, got {list(t.shape)}")
+    if any(s <= 0 for s in t.shape):
+        raise InvalidArgument(f"{name}.shape", f"sizes must be positive, got {list(t.shape)}")
+
+
+def _positive_scale(value: float, name: str) -> float:
+    if not (math.isfinite(value) and value > 0):
+        raise InvalidArgument(name, f"must be a positive finite number, got {value}")
+    return float(value)
+
+
+def _infer_scales(maps: list[torch.Tensor], image_sizes) -> list[float]:
+    # torchvision's rule (and roi_kernels.infer_scales'): the power of two closest to
+    # map height / largest image height, rounded in float32 as torch does.
+    max_h = max(int(s.height) for s in image_sizes)
+    scales = []
+    for t in maps:
+        approx = np.float32(float(t.shape[-2]) / float(max_h))
+        scales.append(2.0 ** float(np.round(np.log2(approx))))
+    return scales
+
+
+def _features(req: roi_pb2.PoolRequest, op: str) -> tuple[str, list[torch.Tensor], tuple[float, ...]]:
+    kind = req.WhichOneof("features")
+    if kind is None:
+        raise InvalidArgument("features", "give input, pyramid or ragged")
+    if op == "multiscale_roi_align" and kind != "pyramid":
+        raise InvalidArgument(kind, "multiscale_roi_align takes its levels in pyramid")
+    if kind == "pyramid" and op != "multiscale_roi_align":
+        raise InvalidArgument("pyramid", f"only multiscale_roi_align takes a pyramid, not {op}")
+    if kind == "ragged" and op != "roi_align":
+        raise InvalidArgument("ragged", f"only roi_align takes ragged per-image maps, not {op}")
+
+    if kind == "input":
+        t = _tensor(req.input, "input")
+        _check_map(t, "input", 4)
+        return "dense", [t], ()
+
+    if kind == "ragged":
+        if not req.ragged.maps:
+            raise InvalidArgument("ragged.maps", "must hold at least one Tensor[C, H, W]")
+        maps = []
+        for i, m in enumerate(req.ragged.maps):
+            name = f"ragged.maps[{i}]"
+            t = _tensor(m, name)
+            _check_map(t, name, 3)
+            if maps and t.dtype != maps[0].dtype:
+                raise InvalidArgument(f"{name}.dtype", "must equal ragged.maps[0].dtype")
+            if maps and t.shape[0] != maps[0].shape[0]:
+                raise InvalidArgument(
+                    f"{name}.shape", f"must have the channels of ragged.maps[0] ({maps[0].shape[0]})"
+                )
+            maps.append(t)
+        return "ragged", maps, ()
+
+    pyramid = req.pyramid
+    if not pyramid.levels:
+        raise InvalidArgument("pyramid.levels", "must hold at least one level")
+    maps = []
+    for i, level in enumerate(pyramid.levels):
+        name = f"pyramid.levels[{i}].map"
+        t = _tensor(level.map, name)
+        _check_map(t, name, 4)
+        if maps and t.dtype != maps[0].dtype:
+            raise InvalidArgument(f"{name}.dtype", "must equal the dtype of levels[0]")
+        if maps and tuple(t.shape[:2]) != tuple(maps[0].shape[:2]):
+            raise InvalidArgument(
+                f"{name}.shape", f"must have the N and C of levels[0] {list(maps[0].shape[:2])}, got {list(t.shape[:2])}"
+            )
+        maps.append(t)
+    given = [lv.HasField("spatial_scale") for lv in pyramid.levels]
+    if all(given):
+        scales = [
+            _positive_scale(lv.spatial_scale, f"pyramid.levels[{i}].spatial_scale")
+            for i, lv in enumerate(pyramid.levels)
+        ]
+    elif any(given):
+        raise InvalidArgument("pyramid.levels.spatial_scale", "give a scale on every level or on none")
+    else:
+        if not pyramid.image_sizes:
+            raise InvalidArgument("pyramid.image_sizes", "needed when the levels carry no spatial_scale")
+        for i, s in enumerate(pyramid.image_sizes):
+            if s.height <= 0 or s.width <= 0:
+                raise InvalidArgument(f"pyramid.image_sizes[{i}]", f"must be positive, got ({s.height}, {s.width})")
+        scales = _infer_scales(maps, pyramid.image_sizes)
+    # The kernel assigns boxes to levels k_min..k_max from the first and last scale.
+    for i, s in enumerate(scales):
+        k = -math.log2(s)
+        if k != round(k) or (i > 0 and s != scales[i - 1] / 2):
+            raise InvalidArgument(
+                f"pyramid.levels[{i}].spatial_scale",
+                f"levels must be consecutive powers of 1/2, finest first; got {scales}",
+            )
+    return "pyramid", maps, tuple(scales)
+
+
+def _boxes(req: roi_pb2.PoolRequest, cols: int, acc: torch.dtype) -> torch.Tensor:
+    kind = req.boxes.WhichOneof("layout")
+    if kind is None:
+        raise InvalidArgument("boxes", "give rois or per_image")
+    if kind == "rois":
+        t = _tensor(req.boxes.rois, "boxes.rois", BOX_DTYPES)
+        if t.dim() != 2 or t.shape[1] != cols + 1:
+            raise InvalidArgument("boxes.rois.shape", f"must be [K, {cols + 1}] (image index first), got {list(t.shape)}")
+        return t.to(acc)
+    parts = []
+    for i, m in enumerate(req.boxes.per_image.boxes):
+        name = f"boxes.per_image[{i}]"
+        t = _tensor(m, name, BOX_DTYPES)
+        if t.dim() != 2 or t.shape[1] != cols:
+            raise InvalidArgument(f"{name}.shape", f"must be [L, {cols}], got {list(t.shape)}")
+        t = t.to(acc)
+        parts.append(torch.cat([torch.full((t.shape[0], 1), float(i), dtype=acc), t], dim=1))
+    if not parts:
+        return torch.empty((0, cols + 1), dtype=acc)
+    return torch.cat(parts, dim=0)
+
+
+def _params(req: roi_pb2.PoolRequest, op: str) -> dict[str, Any]:
+    p = req.params
+    if p.pooled_height <= 0 or p.pooled_width <= 0:
+        raise InvalidArgument(
+            "params.pooled_height/pooled_width", f"output size must be positive, got ({p.pooled_height}, {p.pooled_width})"
+        )
+    spatial_scale = _positive_scale(p.spatial_scale, "params.spatial_scale") if p.HasField("spatial_scale") else 1.0
+    sampling_ratio = int(p.sampling_ratio) if p.HasField("sampling_ratio") else -1
+    if sampling_ratio > MAX_SAMPLING_RATIO:
+        raise InvalidArgument("params.sampling_ratio", f"must be <= {MAX_SAMPLING_RATIO} (or <= 0 for adaptive), got {sampling_ratio}")
+    aligned = bool(p.aligned) if p.HasField("aligned") else op == "roi_align_rotated"
+    if p.pool_mode in (roi_pb2.POOL_MODE_UNSPECIFIED, roi_pb2.POOL_MODE_AVG):
+        pool_mode = "avg"
+    elif p.pool_mode == roi_pb2.POOL_MODE_MAX:
+        pool_mode = "max"
+    else:
+        raise InvalidArgument("params.pool_mode", f"unknown pool mode {p.pool_mode}")
+    if pool_mode == "max" and op not in _WITH_POOL_MODE:
+        raise InvalidArgument("params.pool_mode", f"{op} has no max mode")
+    canonical_scale = int(p.canonical_scale) if p.HasField("canonical_scale") else 224
+    canonical_level = int(p.canonical_level) if p.HasField("canonical_level") else 4
+    if canonical_scale <= 0:
+        raise InvalidArgument("params.canonical_scale", f"must be positive, got {canonical_scale}")
+    return {
+        "pooled_height": int(p.pooled_height),
+        "pooled_width": int(p.pooled_width),
+        "spatial_scale": spatial_scale,
+        # Ops without these parameters ignore them; normalised so that they batch together.
+        "sampling_ratio": sampling_ratio if op in _WITH_SAMPLING else -1,
+        "aligned": aligned if op in _WITH_ALIGNED else False,
+        "pool_mode": pool_mode,
+        "canonical_scale": canonical_scale if op == "multiscale_roi_align" else 224,
+        "canonical_level": canonical_level if op == "multiscale_roi_align" else 4,
+    }
+
+
+def decode_request(req: roi_pb2.PoolRequest, limits: Limits, available_ops: frozenset[str] | None = None) -> DecodedRequest:
+    """Validates ``req`` and returns it as tensors; raises InvalidArgument naming the field."""
+    op = OP_NAMES.get(req.op)
+    if op is None:
+        raise InvalidArgument("op", f"unknown or unspecified op {req.op}")
+    if available_ops is not None and op not in available_ops:
+        raise Unimplemented(f"op: {op} is not available on this server")
+    params = _params(req, op)
+    out_dtype_wire = req.out_dtype
+    if out_dtype_wire != roi_pb2.DTYPE_UNSPECIFIED and out_dtype_wire not in TORCH_DTYPES:
+        raise InvalidArgument("out_dtype", f"unknown dtype {out_dtype_wire}")
+
+    layout, maps, scales = _features(req, op)
+    dtype = maps[0].dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    rotated = op == "roi_align_rotated"
+    rois = _boxes(req, 5 if rotated else 4, acc)
+
+    if layout == "ragged":
+        num_images, channels = len(maps), int(maps[0].shape[0])
+    else:
+        num_images, channels = int(maps[0].shape[0]), int(maps[0].shape[1])
+    ph, pw = params["pooled_height"], params["pooled_width"]
+    out_channels = channels
+    if op in _POSITION_SENSITIVE:
+        bins = ph * pw
+        if channels % bins != 0:
+            raise InvalidArgument(
+                "input.shape",
+                f"{op} needs channels divisible by output_size[0] * output_size[1] = {bins}, got C = {channels}",
+            )
+        out_channels = channels // bins
+
+    k = int(rois.shape[0])
+    if k > limits.max_boxes:
+        raise InvalidArgument("boxes", f"{k} boxes, above this server's limit of {limits.max_boxes} per request")
+    if k:
+        if not bool(torch.isfinite(rois).all()):
+            bad = int((~torch.isfinite(rois)).any(dim=1).nonzero()[0, 0])
+            raise InvalidArgument("boxes", f"box {bad} has a non-finite coordinate: {rois[bad].tolist()}")
+        idx = rois[:, 0]
+        in_range = (idx >= 0) & (idx < num_images)
+        if not bool(in_range.all()):
+            bad = int((~in_range).nonzero()[0, 0])
+            raise InvalidArgument(
+                "boxes", f"box {bad} has image index {idx[bad].item():g}, outside [0, {num_images}) for {num_images} image(s)"
+            )
+    out_elements = k * out_channels * ph * pw
+    if out_elements > limits.max_output_elements:
+        raise InvalidArgument(
+            "boxes",
+            f"the output would hold {out_elements} elements (K * C * PH * PW), above this server's limit of "
+            f"{limits.max_output_elements}",
+        )
+    out_dtype = TORCH_DTYPES.get(out_dtype_wire, dtype)
+    out_bytes = out_elements * torch.empty((), dtype=out_dtype).element_size()
+    # The response must fit the message limit too (a few hundred bytes of framing aside).
+    if out_bytes + 4096 > limits.max_message_bytes:
+        raise InvalidArgument(
+            "boxes",
+            f"the output would take {out_bytes} bytes, above this server's message limit of {limits.max_message_bytes}",
+        )
+
+    map_bytes = sum(t.numel() * t.element_size() for t in maps)
+    decoded = DecodedRequest(
+        id=req.id,
+        op=op,
+        layout=layout,
+        maps=maps,
+        rois=rois,
+        num_images=num_images,
+        channels=channels,
+        out_channels=out_channels,
+        scales=scales,
+        dtype=dtype,
+        out_dtype=out_dtype,
+        map_bytes=map_bytes,
+        **params,
+    )
+    decoded.key = batch_key(decoded)
+    return decoded
+
+
+def batch_key(r: DecodedRequest) -> tuple:
+    """Requests with equal keys can run in one kernel launch.
+
+    roi_align pools any mix of map sizes in one launch (its ragged form), so its key leaves
+    the spatial size out; the other ops concatenate maps along N, which needs equal sizes.
+    """
+    common = (r.op, r.dtype, r.channels, r.pooled_height, r.pooled_width, r.sampling_ratio, r.aligned, r.pool_mode)
+    if r.op == "roi_align":
+        return (*common, r.spatial_scale)
+    if r.op == "multiscale_roi_align":
+        shapes = tuple(tuple(t.shape[2:]) for t in r.maps)
+        return (*common, r.scales, shapes, r.canonical_scale, r.canonical_level)
+    return (*common, r.spatial_scale, tuple(r.maps[0].shape[2:]))
+
+
+def encode_output(out: torch.Tensor, msg: roi_pb2.Tensor) -> int:
+    """Writes ``out`` (CPU, contiguous) into ``msg``; returns the byte count."""
+    wire_dtype = WIRE_OF_TORCH[out.dtype]
+    if out.dtype == torch.bfloat16:
+        out = out.view(torch.int16)
+    arr = out.contiguous().numpy()
+    msg.dtype = wire_dtype
+    msg.shape.extend(arr.shape)
+    data = arr.tobytes()
+    msg.data = data
+    return len(data)

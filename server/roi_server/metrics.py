@@ -1,0 +1,104 @@
+"""Prometheus metrics of the service, in their own registry, served on ``/metrics``.
+
+The names are part of the service's interface (dashboards and alerts are built on them):
+``roi_`` prefix, base units (seconds, bytes), ``_total`` on counters.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# From 100 us (a tiny request's queue wait) to 10 s (a large batch on the CPU under load).
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+BATCH_REQUEST_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
+BATCH_BOX_BUCKETS = (1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+
+
+class ServiceMetrics:
+    """Every metric of one server. Each server has its own registry, so that several servers
+    can live in one process (tests, benchmarks)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "roi_requests", "Requests answered, by op and gRPC status code.", ["op", "code"], registry=r
+        )
+        self.request_duration = Histogram(
+            "roi_request_duration_seconds",
+            "Server-side time of a request, from arrival to its response being ready.",
+            ["op"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "roi_queue_wait_seconds",
+            "Time a request waited in the batcher before its batch was launched.",
+            ["op"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.compute = Histogram(
+            "roi_compute_seconds",
+            "Kernel time of an executed batch (with its host-device copies on CUDA).",
+            ["op"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_requests = Histogram(
+            "roi_batch_requests", "Requests per executed batch.", buckets=BATCH_REQUEST_BUCKETS, registry=r
+        )
+        self.batch_boxes = Histogram("roi_batch_boxes", "Boxes per executed batch.", buckets=BATCH_BOX_BUCKETS, registry=r)
+        self.batches = Counter("roi_batches", "Batches executed (kernel launches), by op.", ["op"], registry=r)
+        self.queue_depth = Gauge("roi_queue_depth", "Requests waiting in the batcher for the device.", registry=r)
+        self.in_flight = Gauge("roi_requests_in_flight", "Requests being handled (decoding, queued or computing).", registry=r)
+        self.received_bytes = Counter("roi_received_bytes", "Bytes of request messages received.", registry=r)
+        self.sent_bytes = Counter("roi_sent_bytes", "Bytes of response messages sent.", registry=r)
+        self.device_memory = Gauge(
+            "roi_device_memory_bytes", "CUDA memory allocated by the server's tensors.", ["device"], registry=r
+        )
+        self.server_info = Gauge("roi_server_info", "Constant 1, labelled with the server's version and device.", ["version", "device"], registry=r)
+
+    def set_server(self, version: str, device: str, memory_allocated: Callable[[], float] | None) -> None:
+        self.server_info.labels(version=version, device=device).set(1)
+        if memory_allocated is not None:
+            self.device_memory.labels(device=device).set_function(memory_allocated)
+
+
+class MetricsHTTPServer:
+    """``/metrics`` on its own thread (prometheus_client's WSGI server)."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        self._server, self._thread = start_http_server(port, addr=host, registry=registry)
+
+    @property
+    def port(self) -> int:
+        server: WSGIServer = self._server
+        return int(server.server_port)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        thread: threading.Thread = self._thread
+        thread.join(timeout=5)

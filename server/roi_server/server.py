@@ -1,0 +1,339 @@
+"""The gRPC server: the RoI service, health, reflection, metrics, and an orderly stop.
+
+Start-up order: the metrics endpoint and the gRPC port come up first, with health NOT_SERVING
+(so that probes get an answer while the kernels compile); then the kernels are loaded and
+warmed up on the device's worker thread; then health turns SERVING and the log says
+``listening on <host>:<port>``. Stopping (SIGTERM/SIGINT, or :meth:`RoIServer.stop`) turns
+health NOT_SERVING, refuses new calls, lets accepted requests finish (up to ``grace_s``), then
+closes everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from roi_client._proto.roi.v1 import roi_pb2
+
+from . import __version__
+from .batcher import BatchPolicy, DynamicBatcher
+from .codec import Limits
+from .metrics import MetricsHTTPServer, ServiceMetrics
+from .service import SERVICE_NAME, RoIService, ServerInfo
+from .settings import Settings
+
+log = logging.getLogger("roi_server")
+
+HEALTH_SERVICES = ("", SERVICE_NAME)
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """The port's credentials; None listens in plaintext. (TLS and client certificates go here.)"""
+    return None
+
+
+def build_interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
+    """Interceptors run on every call, health and reflection included (authentication goes here)."""
+    return []
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        # Agrees with roi_client's keepalive (a ping every 30 s at most, also between calls);
+        # a client that pings more often than this gets GOAWAY too_many_pings.
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        # A port held by another process is an error, not a silent second listener.
+        ("grpc.so_reuseport", 0),
+    ]
+    if settings.max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(max(settings.grace_s, 1.0) * 1000)),
+        ]
+    return options
+
+
+def _load_kernels(settings: Settings):
+    """Imports roi_kernels (compiling it on first use) and opens the device; runs on a thread."""
+    import torch
+
+    import roi_kernels  # noqa: F401  (registers torch.ops.roi_kernels)
+
+    from .engine import KernelEngine, resolve_device
+
+    if settings.threads > 0:
+        torch.set_num_threads(settings.threads)
+    device = resolve_device(settings.device)
+    return KernelEngine(device, settings.threads)
+
+
+class RoIServer:
+    """One server: ``await start()``, then ``await stop()`` (or :func:`serve` for both)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = ServiceMetrics()
+        self.health = health.aio.HealthServicer()
+        self.service = RoIService(
+            Limits(settings.max_boxes, settings.max_output_elements, settings.max_message_bytes),
+            self.metrics,
+            stream_window=max(2 * settings.max_batch_requests, 16),
+        )
+        self.engine = None
+        self.batcher: DynamicBatcher | None = None
+        self.port = 0
+        self.metrics_port: int | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._metrics_http: MetricsHTTPServer | None = None
+        self._stopped = asyncio.Event()
+        self._stopping = False
+
+    @property
+    def address(self) -> str:
+        host = self.settings.host
+        if host in ("0.0.0.0", "::", "[::]", ""):
+            host = "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        s = self.settings
+        for service in HEALTH_SERVICES:
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if s.metrics_port >= 0:
+            self._metrics_http = MetricsHTTPServer(self.metrics.registry, s.host, s.metrics_port)
+            self.metrics_port = self._metrics_http.port
+
+        server = grpc.aio.server(interceptors=build_interceptors(s), options=grpc_options(s))
+        server.add_generic_rpc_handlers((self.service.handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (
+                roi_pb2.DESCRIPTOR.services_by_name["RoIService"].full_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        credentials = server_credentials(s)
+        if credentials is None:
+            self.port = server.add_insecure_port(s.bind_address)
+        else:
+            self.port = server.add_secure_port(s.bind_address, credentials)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {s.bind_address}")
+        await server.start()
+        self._grpc = server
+        log.info("port %d bound; loading and warming up the kernels", self.port)
+
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            self.engine = await loop.run_in_executor(None, _load_kernels, s)
+            ops = await loop.run_in_executor(self.engine.worker, self.engine.load_and_warm_up)
+        except BaseException:
+            await self._close_transports(grace=0)
+            raise
+        if not ops:
+            await self._close_transports(grace=0)
+            raise RuntimeError("no op runs on this device")
+
+        import torch
+
+        from .engine import device_name
+
+        device = str(self.engine.device)
+        self.batcher = DynamicBatcher(
+            self.engine,
+            BatchPolicy(
+                max_batch_requests=s.max_batch_requests,
+                max_batch_boxes=s.max_batch_boxes,
+                max_batch_bytes=s.max_batch_bytes,
+                max_wait_s=s.max_wait_ms / 1000.0,
+                max_queue=s.max_queue,
+            ),
+            self.metrics,
+        )
+        await self.batcher.start()
+        limits = roi_pb2.Limits(
+            max_message_bytes=s.max_message_bytes,
+            max_boxes=s.max_boxes,
+            max_output_elements=s.max_output_elements,
+            max_batch_boxes=s.max_batch_boxes,
+            max_batch_bytes=s.max_batch_bytes,
+            max_batch_requests=s.max_batch_requests,
+            max_wait_ms=s.max_wait_ms,
+            max_queue=s.max_queue,
+        )
+        info = ServerInfo(
+            version=__version__,
+            device=device,
+            device_name=device_name(self.engine.device),
+            ops=tuple(op for op in ("roi_align", "roi_pool", "ps_roi_align", "ps_roi_pool", "roi_align_rotated", "multiscale_roi_align") if op in ops),
+            torch_version=torch.__version__,
+            threads=self.engine.num_threads,
+            limits=limits,
+        )
+        self.service.set_ready(self.batcher, info)
+        self.metrics.set_server(
+            __version__, device, self.engine.memory_allocated if self.engine.device.type == "cuda" else None
+        )
+        for service in HEALTH_SERVICES:
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        metrics_text = f"metrics on :{self.metrics_port}" if self.metrics_port is not None else "metrics off"
+        log.info(
+            "listening on %s:%d (device %s, ops %s, warmed up in %.1f s), %s",
+            s.host,
+            self.port,
+            device,
+            ",".join(info.ops),
+            time.perf_counter() - started,
+            metrics_text,
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, new calls refused, accepted requests finished (up to ``grace``
+        seconds, default the settings'), then everything closed. Safe to call twice."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        grace = self.settings.grace_s if grace is None else grace
+        log.info("stopping: draining accepted requests (grace %.1f s)", grace)
+        await self.health.enter_graceful_shutdown()
+        await self._close_transports(grace)
+        if self.batcher is not None:
+            await self.batcher.close()
+        if self.engine is not None:
+            self.engine.close()
+        self.service.close()
+        if self._metrics_http is not None:
+            self._metrics_http.close()
+        log.info("stopped")
+        self._stopped.set()
+
+    async def _close_transports(self, grace: float) -> None:
+        if self._grpc is None:
+            return
+        # stop(grace) refuses new calls at once and waits for the running ones; long-lived
+        # calls such as health Watch streams would hold it for the whole grace period, so it
+        # is cut short as soon as the RoI requests themselves are done.
+        stopping = asyncio.create_task(self._grpc.stop(grace))
+        try:
+            await asyncio.wait_for(self.service.wait_idle(), timeout=grace)
+        except asyncio.TimeoutError:
+            log.warning("grace period over with requests still running; cancelling them")
+        await self._grpc.stop(0)
+        await stopping
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(settings: Settings, stop_signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
+    """Runs a server until one of ``stop_signals``, then drains and returns."""
+    server = RoIServer(settings)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in stop_signals:
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.create_task(server.start())
+    waiting = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({starting, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    if starting in done:
+        starting.result()  # raises a start-up failure
+        await waiting
+    else:
+        log.info("signal received while starting")
+        starting.cancel()
+        try:
+            await starting
+        except (asyncio.CancelledError, Exception):  # noqa: BLE001  (stopping anyway)
+            pass
+    for sig in stop_signals:
+        loop.remove_signal_handler(sig)
+    await server.stop()
+
+
+class BackgroundServer:
+    """A server on its own thread and event loop, for tests and benchmarks in one process::
+
+        with BackgroundServer(Settings(port=0, metrics_port=0)) as srv:
+            client = RoIClient(srv.address)
+    """
+
+    def __init__(self, settings: Settings, start_timeout: float = 600.0) -> None:
+        self.settings = settings
+        self.server = RoIServer(settings)
+        self._start_timeout = start_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._done: asyncio.Event | None = None
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def metrics_url(self) -> str | None:
+        port = self.server.metrics_port
+        return None if port is None else f"http://127.0.0.1:{port}/metrics"
+
+    def start(self) -> BackgroundServer:
+        self._thread = threading.Thread(target=self._main, name="roi-server", daemon=True)
+        self._thread.start()
+        if not self._started.wait(self._start_timeout):
+            raise TimeoutError("the server did not start in time")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _main(self) -> None:
+        async def run() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._done = asyncio.Event()
+            try:
+                await self.server.start()
+            except BaseException as exc:  # noqa: BLE001  (handed to the starting thread)
+                self._error = exc
+                self._started.set()
+                return
+            self._started.set()
+            await self._done.wait()
+            await self.server.stop()
+
+        asyncio.run(run())
+
+    def stop(self, grace: float | None = None) -> None:
+        loop, done = self._loop, self._done
+        if loop is None or done is None or self._thread is None:
+            return
+        if grace is not None:
+            fut = asyncio.run_coroutine_threadsafe(self.server.stop(grace), loop)
+            fut.result()
+        loop.call_soon_threadsafe(done.set)
+        self._thread.join()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

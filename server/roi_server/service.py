@@ -1,0 +1,253 @@
+"""``roi.v1.RoIService``: Pool, PoolStream and Describe.
+
+The methods are registered with raw-bytes (de)serializers: gRPC hands over the message's bytes
+on the event loop, and parsing them (a copy of every tensor) happens here, on a thread when the
+message is large, so that one large request does not stall every other connection. The same
+goes for serialising large responses.
+
+Error handling lives in one place, :meth:`RoIService._answer`: what a request ends in is turned
+into its status by :func:`~roi_server.errors.status_of`, counted, and sent (as the RPC's status
+for Pool, as an in-band ``Status`` for each request of a stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import DecodeError
+from roi_client._proto.roi.v1 import roi_pb2
+
+from .batcher import BatchResult, DynamicBatcher
+from .codec import OP_NAMES, WIRE_OF_TORCH, DecodedRequest, Limits, decode_request, encode_output
+from .errors import InvalidArgument, ServiceError, Unavailable, status_of
+from .metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "roi.v1.RoIService"
+T = TypeVar("T")
+
+# Messages above this are parsed and serialised on a thread; below it the hop costs more than
+# the work.
+OFF_LOOP_BYTES = 1 << 20
+
+
+@dataclass
+class ServerInfo:
+    version: str
+    device: str
+    device_name: str
+    ops: tuple[str, ...]
+    torch_version: str
+    threads: int
+    limits: roi_pb2.Limits
+
+
+class RoIService:
+    def __init__(
+        self,
+        limits: Limits,
+        metrics: ServiceMetrics,
+        stream_window: int = 128,
+    ) -> None:
+        self.limits = limits
+        self.metrics = metrics
+        self.stream_window = stream_window
+        self.batcher: DynamicBatcher | None = None
+        self.info: ServerInfo | None = None
+        self._available: frozenset[str] = frozenset()
+        self._codec_pool = ThreadPoolExecutor(4, thread_name_prefix="roi-codec")
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def set_ready(self, batcher: DynamicBatcher, info: ServerInfo) -> None:
+        """Called once the kernels are warmed up; until then requests get UNAVAILABLE."""
+        self.batcher = batcher
+        self.info = info
+        self._available = frozenset(info.ops)
+
+    async def wait_idle(self) -> None:
+        """Returns when no Pool request or stream item is being handled."""
+        await self._idle.wait()
+
+    def close(self) -> None:
+        self._codec_pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- registration -------------------------------------------------------------------------
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                # No (de)serializers: the methods take and return bytes (see the module doc).
+                "Pool": grpc.unary_unary_rpc_method_handler(self.pool),
+                "PoolStream": grpc.stream_stream_rpc_method_handler(self.pool_stream),
+                "Describe": grpc.unary_unary_rpc_method_handler(self.describe),
+            },
+        )
+
+    # -- methods ------------------------------------------------------------------------------
+
+    async def pool(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        deadline = _deadline(context)
+        answer = await self._answer(raw, deadline, in_stream=False)
+        if isinstance(answer, tuple):
+            code, message = answer
+            await context.abort(code, message)
+        return answer
+
+    async def pool_stream(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        deadline = _deadline(context)
+        answers: asyncio.Queue[bytes | None] = asyncio.Queue()
+        window = asyncio.Semaphore(self.stream_window)
+        tasks: set[asyncio.Task] = set()
+
+        async def one(raw: bytes) -> None:
+            try:
+                answer = await self._answer(raw, deadline, in_stream=True)
+                assert isinstance(answer, bytes)
+                await answers.put(answer)
+            finally:
+                window.release()
+
+        async def read_all() -> None:
+            try:
+                async for raw in requests:
+                    # Reading stops while the window is full, and HTTP/2 flow control then
+                    # slows the sender, instead of the queue refusing its requests.
+                    await window.acquire()
+                    task = asyncio.create_task(one(raw))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*tasks, return_exceptions=True)
+            finally:
+                await answers.put(None)
+
+        reader = asyncio.create_task(read_all())
+        try:
+            while True:
+                answer = await answers.get()
+                if answer is None:
+                    break
+                yield answer
+            await reader
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    async def describe(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        info = self.info
+        if info is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is warming up")
+        assert info is not None
+        resp = roi_pb2.DescribeResponse(
+            version=info.version,
+            device=info.device,
+            device_name=info.device_name,
+            ops=list(info.ops),
+            dtypes=sorted(WIRE_OF_TORCH.values()),
+            limits=info.limits,
+            torch_version=info.torch_version,
+            threads=info.threads,
+        )
+        return resp.SerializeToString()
+
+    # -- one request --------------------------------------------------------------------------
+
+    async def _answer(self, raw: bytes, deadline: float | None, in_stream: bool) -> bytes | tuple[grpc.StatusCode, str]:
+        """Handles one request from its bytes to its response's bytes. Returns the serialised
+        PoolResponse (PoolStreamResponse in a stream), or for a failed unary call the status to
+        abort with. Counts the request in the metrics whatever it ends in."""
+        m = self.metrics
+        start = time.perf_counter()
+        self._enter()
+        m.received_bytes.inc(len(raw))
+        op, code, req_id = "unknown", grpc.StatusCode.OK, ""
+        try:
+            req = await self._off_loop(len(raw), _parse, raw)
+            req_id = req.id
+            op = OP_NAMES.get(req.op, "unknown")
+            if self.batcher is None:
+                raise Unavailable("the server is warming up")
+            decoded: DecodedRequest = await self._off_loop(len(raw), decode_request, req, self.limits, self._available)
+            remaining = None if deadline is None else deadline - time.perf_counter()
+            result = await self.batcher.submit(decoded, remaining)
+            out_bytes = result.output.numel() * result.output.element_size()
+            answer = await self._off_loop(out_bytes, _encode_response, decoded, result, start, in_stream)
+            m.sent_bytes.inc(len(answer))
+            return answer
+        except asyncio.CancelledError:
+            expired = deadline is not None and time.perf_counter() >= deadline
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:  # noqa: BLE001  (every failure becomes a status; see status_of)
+            if not isinstance(exc, ServiceError):
+                log.exception("request %r (%s) failed", req_id, op)
+            code, message = status_of(exc)
+            if not in_stream:
+                return code, message
+            err = roi_pb2.PoolStreamResponse(id=req_id, error=roi_pb2.Status(code=code.value[0], message=message))
+            answer = err.SerializeToString()
+            m.sent_bytes.inc(len(answer))
+            return answer
+        finally:
+            m.requests.labels(op=op, code=code.name).inc()
+            m.request_duration.labels(op=op).observe(time.perf_counter() - start)
+            self._leave()
+
+    async def _off_loop(self, nbytes: int, fn: Callable[..., T], *args: Any) -> T:
+        if nbytes < OFF_LOOP_BYTES:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._codec_pool, fn, *args)
+
+    def _enter(self) -> None:
+        self._active += 1
+        self._idle.clear()
+        self.metrics.in_flight.inc()
+
+    def _leave(self) -> None:
+        self._active -= 1
+        self.metrics.in_flight.dec()
+        if self._active == 0:
+            self._idle.set()
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.perf_counter() + remaining
+
+
+def _parse(raw: bytes) -> roi_pb2.PoolRequest:
+    try:
+        return roi_pb2.PoolRequest.FromString(raw)
+    except DecodeError as exc:
+        raise InvalidArgument("", f"the message is not a roi.v1.PoolRequest: {exc}") from None
+
+
+def _encode_response(decoded: DecodedRequest, result: BatchResult, start: float, in_stream: bool) -> bytes:
+    # Built in place inside the stream's envelope: assigning a finished PoolResponse to it
+    # would copy the output once more.
+    outer = roi_pb2.PoolStreamResponse(id=decoded.id) if in_stream else None
+    resp = outer.response if outer is not None else roi_pb2.PoolResponse()
+    resp.id = decoded.id
+    encode_output(result.output, resp.output)
+    t = resp.timings
+    t.queue_seconds = result.queue_s
+    t.compute_seconds = result.compute_s
+    t.batch_id = result.batch_id
+    t.batch_requests = result.batch_requests
+    t.batch_boxes = result.batch_boxes
+    t.total_seconds = time.perf_counter() - start
+    return (outer if outer is not None else resp).SerializeToString()
