@@ -597,6 +597,35 @@ def test_k8s_deployment_probes_gpu_and_ports():
     assert deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
 
 
+def server_grace_default() -> float:
+    """The server's drain time after SIGTERM when ROI_GRACE_S is not set."""
+    if not (ROOT / "server" / "roi_server" / "settings.py").exists():
+        return 20.0
+    from roi_server.settings import Settings
+
+    return Settings().grace_s
+
+
+def test_k8s_gives_the_drain_time_to_finish():
+    docs = k8s_documents(K8S / "gpu")
+    pod = docs["Deployment/roi-server"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    grace = float(env.get("ROI_GRACE_S", server_grace_default()))
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    pause = float(pre_stop[1]) if pre_stop[0] == "sleep" else 0.0
+    assert pod["terminationGracePeriodSeconds"] > pause + grace, "Kubernetes would kill a draining server"
+    assert float(env["ROI_MAX_CONNECTION_AGE_S"]) > 0, "clients would never re-resolve the headless Service"
+
+
+def test_compose_gives_the_drain_time_to_finish(compose_cpu):
+    server = compose_cpu["services"]["roi-server"]
+    grace = float(server["environment"].get("ROI_GRACE_S", server_grace_default()))
+    stop = server["stop_grace_period"]
+    seconds = float(stop[:-1]) * {"s": 1, "m": 60}[stop[-1]]
+    assert seconds > grace, f"compose kills the server after {stop}, before its {grace} s drain"
+
+
 def test_k8s_headless_service_selects_the_pods():
     docs = k8s_documents(K8S / "gpu")
     service = docs["Service/roi-server"]
