@@ -20,9 +20,11 @@ from roi_client._proto.roi.v1 import roi_pb2
 
 from .errors import InvalidArgument, Unimplemented
 
-# The maps are read-only views of the request's bytes, which the kernels never write; torch's
-# warning about that is noise.
-warnings.filterwarnings("ignore", message="The given (NumPy array|buffer) is not writable")
+# The maps are read-only views of the request's bytes, which the kernels never write. torch
+# warns about such views once per process; that one warning is spent here, silenced.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    torch.from_numpy(np.frombuffer(bytes(4), dtype=np.float32))
 
 OP_NAMES: dict[int, str] = {
     roi_pb2.OP_ROI_ALIGN: "roi_align",
