@@ -7,7 +7,8 @@ rebuilds it only when a source changes). Environment variables:
     Cache folder (default ``~/.cache/roi_kernels/<torch version>-<cpu|cuda>``).
 ``ROI_KERNELS_CUDA``
     ``auto`` (default): include the CUDA sources when nvcc and a CUDA build of torch are
-    present; ``1``: require them; ``0``: CPU only.
+    present and there is something to compile for (a visible GPU or ``TORCH_CUDA_ARCH_LIST``);
+    ``1``: require them; ``0``: CPU only.
 ``ROI_KERNELS_MARCH``
     ``-march`` for the CPU sources (default ``native``; use e.g. ``x86-64-v3`` when building
     an image that runs on other machines).
@@ -22,6 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import traceback
 from pathlib import Path
 
 import torch
@@ -48,11 +50,36 @@ def _env_flag(name: str, default: str = "auto") -> str:
     raise ValueError(f"{name} must be auto, 1 or 0, got {value!r}")
 
 
-def _nvcc_available() -> bool:
-    from torch.utils import cpp_extension
+def cuda_toolkit() -> Path | None:
+    """The CUDA toolkit to compile with: ``CUDA_HOME`` (or ``CUDA_PATH``) when set, else the one
+    whose nvcc is on ``PATH`` (through symlinks and wrapper scripts' targets), else
+    ``/usr/local/cuda``. None unless it has both nvcc and the runtime headers."""
+    candidates = [Path(os.environ[v]) for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    if not candidates:
+        nvcc = shutil.which("nvcc")
+        if nvcc:
+            candidates.append(Path(os.path.realpath(nvcc)).parent.parent)
+            candidates += _wrapped_toolkits(Path(nvcc))
+        candidates.append(Path("/usr/local/cuda"))
+    for home in candidates:
+        if (home / "bin" / "nvcc").exists() and (home / "include" / "cuda_runtime.h").exists():
+            return home
+    return None
 
-    home = cpp_extension.CUDA_HOME
-    return bool(home) and (Path(home) / "bin" / "nvcc").exists()
+
+def _wrapped_toolkits(nvcc: Path) -> list[Path]:
+    """Toolkits named by an nvcc that is a small wrapper script (``exec /opt/cuda/bin/nvcc``)."""
+    try:
+        if nvcc.stat().st_size > 4096:
+            return []
+        words = nvcc.read_text(errors="ignore").split()
+    except OSError:
+        return []
+    return [Path(w).parent.parent for w in words if w.endswith("/bin/nvcc")]
+
+
+def _nvcc_available() -> bool:
+    return cuda_toolkit() is not None
 
 
 def cuda_sources_wanted() -> bool:
@@ -66,8 +93,19 @@ def cuda_sources_wanted() -> bool:
             raise BuildError("ROI_KERNELS_CUDA=1 but this torch was built without CUDA")
         if not _nvcc_available():
             raise BuildError("ROI_KERNELS_CUDA=1 but nvcc was not found (set CUDA_HOME)")
+        if not _cuda_targets_known():
+            raise BuildError(
+                "ROI_KERNELS_CUDA=1 but no GPU is visible to pick architectures from: "
+                "set TORCH_CUDA_ARCH_LIST (e.g. '8.0;9.0')"
+            )
         return True
-    return has_cuda_torch and _nvcc_available()
+    # Without a GPU and without TORCH_CUDA_ARCH_LIST there is nothing to compile for (nor to
+    # run on): the CPU build is the useful one.
+    return has_cuda_torch and _nvcc_available() and _cuda_targets_known()
+
+
+def _cuda_targets_known() -> bool:
+    return bool(os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()) or torch.cuda.is_available()
 
 
 def sources(with_cuda: bool) -> list[str]:
@@ -113,6 +151,12 @@ def load(verbose: bool | None = None) -> None:
         # No --use_fast_math and no fused multiply-adds: the GPU must round the sample
         # geometry, weights and level assignment exactly as the CPU does.
         cuda_flags = ["-O3", "-lineinfo", "--fmad=false"]
+        if with_cuda:
+            # torch guesses the toolkit from nvcc's path once, at import, and takes a wrapper in
+            # /usr/local/bin for a toolkit in /usr/local; point it at the real one.
+            home = str(cuda_toolkit())
+            cpp_extension.CUDA_HOME = home
+            os.environ["CUDA_HOME"] = home
         try:
             cpp_extension.load(
                 name=EXTENSION_NAME + ("_cuda" if with_cuda else "_cpu"),
@@ -128,7 +172,7 @@ def load(verbose: bool | None = None) -> None:
             )
         except Exception as exc:  # the compiler's output is in the exception text
             log = directory / "build.log"
-            log.write_text(str(exc))
+            log.write_text(f"{exc}\n\n{traceback.format_exc()}")
             raise BuildError(
                 f"building the roi_kernels extension failed; the compiler's log is {log} "
                 f"(build folder {directory}; set ROI_KERNELS_VERBOSE=1 to see the commands)"
