@@ -1,0 +1,183 @@
+// ps_roi_align (R-FCN) on the CPU.
+//
+// Work is cut into (box, bin) items run with at::parallel_for. A bin's samples are the same
+// for every output channel (only the input channel changes), so an item computes its taps
+// once, in chunks, and applies each chunk to all C_out channels; the per-box geometry is
+// computed once, before the items. The sum of every channel still runs over the samples in
+// torchvision's order (rows, then columns), so results round as torchvision's do.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../checks.h"
+#include "../ps_rotated_math.h"
+#include "../roi_math.h"
+
+namespace roi_kernels {
+namespace {
+
+// Taps are applied to the channels in chunks this long: long enough to amortise the pass
+// over the channels, short enough to stay in L1 (a fixed sampling_ratio allows 2^20 per bin).
+constexpr size_t kTapChunk = 512;
+
+template <typename scalar_t, typename acc_t>
+void apply_chunk(
+    const std::vector<math::BilinearTaps<acc_t>>& taps,
+    const scalar_t* first_plane,
+    int64_t plane_step,
+    int64_t channels,
+    acc_t* sums) {
+  for (int64_t c = 0; c < channels; ++c) {
+    const scalar_t* plane = first_plane + c * plane_step;
+    acc_t s = sums[c];
+    for (const auto& t : taps) {
+      s += math::apply_taps<acc_t>(plane, t);
+    }
+    sums[c] = s;
+  }
+}
+
+template <typename scalar_t>
+void ps_roi_align_cpu(
+    const at::Tensor& input,
+    const at::Tensor& rois,
+    double spatial_scale,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t sampling_ratio,
+    at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t num_images = input.size(0);
+  const int64_t height = input.size(2), width = input.size(3);
+  const int64_t sN = input.stride(0), sC = input.stride(1), sH = input.stride(2), sW = input.stride(3);
+  const int64_t num_boxes = rois.size(0);
+  const int64_t channels_out = out.size(1);
+  const int64_t bins = pooled_height * pooled_width;
+  const scalar_t* in = input.const_data_ptr<scalar_t>();
+  const acc_t* r = rois.const_data_ptr<acc_t>();
+  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+
+  std::vector<math::AlignGeometry<acc_t>> geometry(num_boxes);
+  std::vector<int64_t> image(num_boxes, -1);
+  at::parallel_for(0, num_boxes, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const acc_t* b = r + k * 5;
+      int64_t n = 0;
+      if (!math::batch_index(b[0], num_images, n)) {
+        continue;  // checked before the kernel; guarded here all the same
+      }
+      image[k] = n;
+      // torchvision's ps_roi_align always shifts by half a pixel and has no minimum size.
+      geometry[k] = math::align_geometry<acc_t>(
+          b[1], b[2], b[3], b[4], static_cast<acc_t>(spatial_scale), /*aligned=*/true, pooled_height,
+          pooled_width, sampling_ratio);
+    }
+  });
+
+  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(channels_out, 1));
+  at::parallel_for(0, num_boxes * bins, grain, [&](int64_t begin, int64_t end) {
+    std::vector<math::AxisTap<acc_t>> row_taps, col_taps;
+    std::vector<math::BilinearTaps<acc_t>> taps;
+    std::vector<acc_t> sums(channels_out);
+    taps.reserve(kTapChunk);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t k = item / bins, bin = item % bins;
+      const int64_t ph = bin / pooled_width, pw = bin % pooled_width;
+      scalar_t* dst = o + k * channels_out * bins + bin;
+      if (image[k] < 0) {
+        for (int64_t c = 0; c < channels_out; ++c) {
+          dst[c * bins] = scalar_t(0);
+        }
+        continue;
+      }
+      const math::AlignGeometry<acc_t>& g = geometry[k];
+      // Off-map rows and columns contribute 0 to torchvision's sum; only the others are kept.
+      row_taps.clear();
+      col_taps.clear();
+      int64_t lo = 0, hi = 0;
+      math::sample_range(g.start_y, g.bin_h, ph, g.grid_h, height, lo, hi);
+      for (int64_t iy = lo; iy < hi; ++iy) {
+        math::AxisTap<acc_t> t;
+        if (math::axis_tap(math::sample_coord(g.start_y, g.bin_h, ph, iy, g.grid_h), height, t)) {
+          row_taps.push_back(t);
+        }
+      }
+      math::sample_range(g.start_x, g.bin_w, pw, g.grid_w, width, lo, hi);
+      for (int64_t ix = lo; ix < hi; ++ix) {
+        math::AxisTap<acc_t> t;
+        if (math::axis_tap(math::sample_coord(g.start_x, g.bin_w, pw, ix, g.grid_w), width, t)) {
+          col_taps.push_back(t);
+        }
+      }
+      // Input channel of output channel c is ps_input_channel(c, ph, pw) = c * bins + bin.
+      const scalar_t* first_plane = in + image[k] * sN + math::ps_input_channel(0, ph, pw, pooled_height, pooled_width) * sC;
+      const int64_t plane_step = (math::ps_input_channel(1, ph, pw, pooled_height, pooled_width) -
+                                  math::ps_input_channel(0, ph, pw, pooled_height, pooled_width)) *
+          sC;
+      std::fill(sums.begin(), sums.end(), acc_t(0));
+      taps.clear();
+      for (const auto& ty : row_taps) {
+        for (const auto& tx : col_taps) {
+          taps.push_back(math::bilinear_taps(ty, tx, sH, sW));
+          if (taps.size() == kTapChunk) {
+            apply_chunk(taps, first_plane, plane_step, channels_out, sums.data());
+            taps.clear();
+          }
+        }
+      }
+      apply_chunk(taps, first_plane, plane_step, channels_out, sums.data());
+      for (int64_t c = 0; c < channels_out; ++c) {
+        dst[c * bins] = static_cast<scalar_t>(sums[c] / g.count);
+      }
+    }
+  });
+}
+
+at::Tensor ps_roi_align_forward_kernel(
+    const at::Tensor& input,
+    const at::Tensor& rois,
+    double spatial_scale,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t sampling_ratio) {
+  checks::check_map(input, 4, "input");
+  checks::check_rois(rois, input, 5, "boxes");
+  checks::check_output_size(pooled_height, pooled_width);
+  checks::check_scale(spatial_scale);
+  checks::check_sampling_ratio(sampling_ratio);
+  TORCH_CHECK(input.device().is_cpu(), "the CPU ps_roi_align got input on ", input.device());
+  const int64_t bins = pooled_height * pooled_width;
+  TORCH_CHECK(
+      input.size(1) % bins == 0,
+      "input has ",
+      input.size(1),
+      " channels, which is not a multiple of output_size[0] * output_size[1] = ",
+      pooled_height,
+      " * ",
+      pooled_width,
+      " (ps_roi_align reads C_out * PH * PW channels)");
+  checks::check_batch_index(rois, input.size(0), "boxes");
+  const at::Tensor r = checks::rois_for_kernel(rois, input.scalar_type());
+  const int64_t channels_out = input.size(1) / bins;
+  at::Tensor out = at::empty({r.size(0), channels_out, pooled_height, pooled_width}, input.options());
+  if (out.numel() == 0) {
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ps_roi_align", [&] {
+    ps_roi_align_cpu<scalar_t>(input, r, spatial_scale, pooled_height, pooled_width, sampling_ratio, out);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(roi_kernels, CPU, m) {
+  m.impl("ps_roi_align", &ps_roi_align_forward_kernel);
+}
+
+}  // namespace roi_kernels

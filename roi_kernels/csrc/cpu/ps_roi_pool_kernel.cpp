@@ -1,0 +1,131 @@
+// ps_roi_pool (R-FCN) on the CPU.
+//
+// Work is cut into (box, bin) items run with at::parallel_for: a bin's cells are the same for
+// every output channel, so an item computes them once and averages them in each of the C_out
+// input channels that the bin reads. The snapped box is computed once per box, before the
+// items. Cells are summed in torchvision's order (rows, then columns).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../checks.h"
+#include "../roi_math.h"
+
+namespace roi_kernels {
+namespace {
+
+template <typename scalar_t>
+void ps_roi_pool_cpu(
+    const at::Tensor& input,
+    const at::Tensor& rois,
+    double spatial_scale,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t num_images = input.size(0);
+  const int64_t height = input.size(2), width = input.size(3);
+  const int64_t sN = input.stride(0), sC = input.stride(1), sH = input.stride(2), sW = input.stride(3);
+  const int64_t num_boxes = rois.size(0);
+  const int64_t channels_out = out.size(1);
+  const int64_t bins = pooled_height * pooled_width;
+  const scalar_t* in = input.const_data_ptr<scalar_t>();
+  const acc_t* r = rois.const_data_ptr<acc_t>();
+  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+
+  std::vector<math::PoolBox> boxes(num_boxes);
+  std::vector<int64_t> image(num_boxes, -1);
+  at::parallel_for(0, num_boxes, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const acc_t* b = r + k * 5;
+      int64_t n = 0;
+      if (!math::batch_index(b[0], num_images, n)) {
+        continue;  // checked before the kernel; guarded here all the same
+      }
+      boxes[k] = math::pool_box<acc_t>(b[1], b[2], b[3], b[4], static_cast<acc_t>(spatial_scale), /*extra=*/0);
+      // A NaN coordinate leaves nothing to pool: the box's bins are 0.
+      image[k] = boxes[k].ok ? n : -1;
+    }
+  });
+
+  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(channels_out, 1));
+  at::parallel_for(0, num_boxes * bins, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t k = item / bins, bin = item % bins;
+      const int64_t ph = bin / pooled_width, pw = bin % pooled_width;
+      scalar_t* dst = o + k * channels_out * bins + bin;
+      int64_t y0 = 0, y1 = 0, x0 = 0, x1 = 0;
+      if (image[k] >= 0) {
+        const math::PoolBox& b = boxes[k];
+        // torchvision's ps_roi_pool clips bins to size - 1 (unlike roi_pool).
+        math::pool_bin<acc_t>(b.start_y, b.roi_h, pooled_height, ph, height - 1, y0, y1);
+        math::pool_bin<acc_t>(b.start_x, b.roi_w, pooled_width, pw, width - 1, x0, x1);
+      }
+      if (y1 <= y0 || x1 <= x0) {
+        for (int64_t c = 0; c < channels_out; ++c) {
+          dst[c * bins] = scalar_t(0);
+        }
+        continue;
+      }
+      const acc_t area = static_cast<acc_t>((y1 - y0) * (x1 - x0));
+      for (int64_t c = 0; c < channels_out; ++c) {
+        const scalar_t* plane =
+            in + image[k] * sN + math::ps_input_channel(c, ph, pw, pooled_height, pooled_width) * sC;
+        acc_t s = 0;
+        for (int64_t y = y0; y < y1; ++y) {
+          for (int64_t x = x0; x < x1; ++x) {
+            s += static_cast<acc_t>(plane[y * sH + x * sW]);
+          }
+        }
+        dst[c * bins] = static_cast<scalar_t>(s / area);
+      }
+    }
+  });
+}
+
+at::Tensor ps_roi_pool_forward_kernel(
+    const at::Tensor& input,
+    const at::Tensor& rois,
+    double spatial_scale,
+    int64_t pooled_height,
+    int64_t pooled_width) {
+  checks::check_map(input, 4, "input");
+  checks::check_rois(rois, input, 5, "boxes");
+  checks::check_output_size(pooled_height, pooled_width);
+  checks::check_scale(spatial_scale);
+  TORCH_CHECK(input.device().is_cpu(), "the CPU ps_roi_pool got input on ", input.device());
+  const int64_t bins = pooled_height * pooled_width;
+  TORCH_CHECK(
+      input.size(1) % bins == 0,
+      "input has ",
+      input.size(1),
+      " channels, which is not a multiple of output_size[0] * output_size[1] = ",
+      pooled_height,
+      " * ",
+      pooled_width,
+      " (ps_roi_pool reads C_out * PH * PW channels)");
+  checks::check_batch_index(rois, input.size(0), "boxes");
+  const at::Tensor r = checks::rois_for_kernel(rois, input.scalar_type());
+  const int64_t channels_out = input.size(1) / bins;
+  at::Tensor out = at::empty({r.size(0), channels_out, pooled_height, pooled_width}, input.options());
+  if (out.numel() == 0) {
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ps_roi_pool", [&] {
+    ps_roi_pool_cpu<scalar_t>(input, r, spatial_scale, pooled_height, pooled_width, out);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(roi_kernels, CPU, m) {
+  m.impl("ps_roi_pool", &ps_roi_pool_forward_kernel);
+}
+
+}  // namespace roi_kernels

@@ -1,0 +1,578 @@
+// roi_align on CUDA: single map, ragged per-image maps and FPN levels, avg and max pooling,
+// each in one kernel launch.
+//
+// Design (why it should beat one-thread-per-output kernels that redo the box geometry):
+//  * A block takes one job = (box, chunk of channels). Thread 0 picks the box's map and image
+//    (roi_math.h's batch_index / fpn_level) and its geometry (align_geometry) once; the block
+//    then fills a table of the box's bilinear taps per axis in shared memory: for each bin row
+//    ph and sample iy, the y tap (row offsets and weights) from sample_range / sample_coord /
+//    axis_tap, and likewise for x. The geometry is separable, so PH*gh + PW*gw taps serve all
+//    PH*PW*gh*gw samples of every channel of the chunk; per sample a thread only reads two taps
+//    from shared memory, issues 4 loads and does the weighted sum.
+//  * NCHW (or any layout whose channels are not innermost): consecutive threads take
+//    consecutive bins (pw fastest) of one channel, so output stores are contiguous and the
+//    taps of neighbouring bins fall in the same rows (shared cache lines). A chunk holds about
+//    kNchwOutputs outputs so that the table is reused by many threads.
+//  * channels_last (channel stride 1): a warp's 32 lanes take 32 consecutive channels of one
+//    bin, so each of a sample's 4 taps is one coalesced 128-byte read (float) and every lane
+//    reads the same shared-memory tap (a broadcast). The outputs are staged in shared memory
+//    and written out channel-major, so the stores to the contiguous output coalesce too.
+//  * Multi-scale and ragged inputs are one launch: the kernel gets a table of map descriptors
+//    (pointer, sizes, strides, scale), by value for up to kInlineMaps maps and as a device
+//    buffer beyond; maps are read in place with their own strides (nothing is copied or made
+//    contiguous).
+//  * float16 / bfloat16 are loaded and converted to float; all arithmetic is in the
+//    accumulation type, in the CPU kernels' order, and the build disables fused multiply-adds,
+//    so the GPU rounds as the CPU does.
+//  * Boxes whose tap table does not fit in shared memory (huge boxes with adaptive sampling, or
+//    very large sampling ratios or output sizes) take a slower path in the same kernel that
+//    computes each sample's taps in the thread; the choice is per box, so it is uniform across
+//    the block.
+//  * Offsets are 64-bit; jobs run in a grid-stride loop, so any number of boxes fits a grid.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "../map_set.h"
+#include "../roi_math.h"
+#include "cuda_common.cuh"
+
+namespace roi_kernels {
+namespace {
+
+using checks::PoolMode;
+
+constexpr int kInlineMaps = 8;
+// Taps per axis that a box may keep in shared memory (e.g. 7 bins x 2 samples uses 14).
+constexpr int64_t kTapCapacity = 256;
+constexpr int kLanes = 32;  // channels of a channels_last chunk: one per lane
+constexpr int64_t kTileBins = 64;  // bins per pass of the channels_last output staging
+constexpr int64_t kNchwOutputs = 2048;  // target outputs per NCHW job
+constexpr int64_t kMaxBlocks = int64_t(1) << 22;
+
+struct MapDesc {
+  const void* data;
+  int64_t height, width;
+  int64_t stride_n, stride_c, stride_h, stride_w;
+  double scale;
+};
+
+struct MapTable {
+  MapDesc inline_maps[kInlineMaps];
+  const MapDesc* global;  // device copy of the descriptors when there are more than kInlineMaps
+  int64_t num;
+};
+
+struct Selection {
+  int select;  // MapSelect
+  int64_t num_images;
+  int64_t k_min, k_max;
+  int64_t canonical_scale, canonical_level;
+};
+
+// A tap of one axis with its offsets pre-multiplied by the axis stride. off_lo < 0 marks a
+// sample that is off the map (or outside sample_range) and contributes 0.
+template <typename acc_t>
+struct SharedTap {
+  int64_t off_lo, off_hi;
+  acc_t h, l;
+};
+
+enum BoxState : int { kEmpty = 0, kSharedTaps = 1, kComputedTaps = 2 };
+
+template <typename scalar_t, typename acc_t>
+struct BoxPlan {
+  const scalar_t* base;  // the box's image in its map
+  int64_t height, width;
+  int64_t stride_c, stride_h, stride_w;
+  acc_t start_y, start_x, bin_h, bin_w, count;
+  int64_t grid_h, grid_w;
+  int64_t grid;  // grid_h * grid_w, 0 when either is 0
+  int state;
+};
+
+// q = t / d, r = t % d; 32-bit division when both fit (64-bit division is a long sequence).
+__device__ __forceinline__ void split(int64_t t, int64_t d, int64_t& q, int64_t& r) {
+  if (((t | d) >> 31) == 0) {
+    const uint32_t q32 = static_cast<uint32_t>(t) / static_cast<uint32_t>(d);
+    q = q32;
+    r = t - static_cast<int64_t>(q32) * d;
+  } else {
+    q = t / d;
+    r = t - q * d;
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+__device__ __forceinline__ acc_t load(const scalar_t* p, int64_t off) {
+  return static_cast<acc_t>(p[off]);
+}
+
+// The bilinear value of one sample, in the order of the CPU kernel and of torchvision.
+template <typename acc_t, typename scalar_t>
+__device__ __forceinline__ acc_t sample_value(
+    const scalar_t* plane,
+    int64_t y_lo,
+    int64_t y_hi,
+    acc_t yh,
+    acc_t yl,
+    int64_t x_lo,
+    int64_t x_hi,
+    acc_t xh,
+    acc_t xl) {
+  const acc_t v1 = load<acc_t>(plane, y_lo + x_lo);
+  const acc_t v2 = load<acc_t>(plane, y_lo + x_hi);
+  const acc_t v3 = load<acc_t>(plane, y_hi + x_lo);
+  const acc_t v4 = load<acc_t>(plane, y_hi + x_hi);
+  const acc_t w1 = yh * xh, w2 = yh * xl, w3 = yl * xh, w4 = yl * xl;
+  return w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4;
+}
+
+// Start of a max-pooled bin: off-map samples are worth 0 and take part in the max; a bin with
+// no samples gives 0. NaN samples never win (the comparison is false), as on the CPU.
+template <typename acc_t>
+__device__ __forceinline__ acc_t max_init(int64_t grid, int64_t valid) {
+  return (grid == 0 || valid < grid) ? acc_t(0) : static_cast<acc_t>(-INFINITY);
+}
+
+// One bin from the shared tap table: ys = the gh y taps of row ph, xs = the gw x taps of
+// column pw.
+template <bool kMax, typename acc_t, typename scalar_t>
+__device__ __forceinline__ acc_t bin_from_table(
+    const scalar_t* plane,
+    const SharedTap<acc_t>* ys,
+    const SharedTap<acc_t>* xs,
+    int64_t gh,
+    int64_t gw,
+    int64_t grid,
+    acc_t count) {
+  acc_t v;
+  if (kMax) {
+    int64_t vy = 0, vx = 0;
+    for (int64_t i = 0; i < gh; ++i) {
+      vy += ys[i].off_lo >= 0;
+    }
+    for (int64_t i = 0; i < gw; ++i) {
+      vx += xs[i].off_lo >= 0;
+    }
+    v = max_init<acc_t>(grid, vy * vx);
+  } else {
+    v = acc_t(0);
+  }
+  for (int64_t a = 0; a < gh; ++a) {
+    const SharedTap<acc_t> ty = ys[a];
+    if (ty.off_lo < 0) {
+      continue;
+    }
+    for (int64_t b = 0; b < gw; ++b) {
+      const SharedTap<acc_t> tx = xs[b];
+      if (tx.off_lo < 0) {
+        continue;
+      }
+      const acc_t s =
+          sample_value<acc_t>(plane, ty.off_lo, ty.off_hi, ty.h, ty.l, tx.off_lo, tx.off_hi, tx.h, tx.l);
+      if (kMax) {
+        v = s > v ? s : v;
+      } else {
+        v += s;
+      }
+    }
+  }
+  return kMax ? v : v / count;
+}
+
+// Number of samples of bin p (of [lo, hi)) that land on the map.
+template <typename acc_t>
+__device__ int64_t count_on_map(acc_t start, acc_t bin, int64_t p, int64_t g, int64_t size, int64_t lo, int64_t hi) {
+  int64_t n = 0;
+  math::AxisTap<acc_t> t;
+  for (int64_t i = lo; i < hi; ++i) {
+    n += math::axis_tap(math::sample_coord(start, bin, p, i, g), size, t);
+  }
+  return n;
+}
+
+// One bin with every tap computed in the thread (boxes whose table does not fit).
+template <bool kMax, typename scalar_t, typename acc_t>
+__device__ acc_t bin_computed(const BoxPlan<scalar_t, acc_t>& b, const scalar_t* plane, int64_t ph, int64_t pw) {
+  int64_t ylo = 0, yhi = 0, xlo = 0, xhi = 0;
+  math::sample_range(b.start_y, b.bin_h, ph, b.grid_h, b.height, ylo, yhi);
+  math::sample_range(b.start_x, b.bin_w, pw, b.grid_w, b.width, xlo, xhi);
+  acc_t v;
+  if (kMax) {
+    const int64_t vy = count_on_map(b.start_y, b.bin_h, ph, b.grid_h, b.height, ylo, yhi);
+    const int64_t vx = count_on_map(b.start_x, b.bin_w, pw, b.grid_w, b.width, xlo, xhi);
+    v = max_init<acc_t>(b.grid, vy * vx);
+  } else {
+    v = acc_t(0);
+  }
+  for (int64_t iy = ylo; iy < yhi; ++iy) {
+    math::AxisTap<acc_t> ty;
+    if (!math::axis_tap(math::sample_coord(b.start_y, b.bin_h, ph, iy, b.grid_h), b.height, ty)) {
+      continue;
+    }
+    const int64_t y_lo = ty.lo * b.stride_h, y_hi = ty.hi * b.stride_h;
+    for (int64_t ix = xlo; ix < xhi; ++ix) {
+      math::AxisTap<acc_t> tx;
+      if (!math::axis_tap(math::sample_coord(b.start_x, b.bin_w, pw, ix, b.grid_w), b.width, tx)) {
+        continue;
+      }
+      const acc_t s = sample_value<acc_t>(
+          plane, y_lo, y_hi, ty.h, ty.l, tx.lo * b.stride_w, tx.hi * b.stride_w, tx.h, tx.l);
+      if (kMax) {
+        v = s > v ? s : v;
+      } else {
+        v += s;
+      }
+    }
+  }
+  return kMax ? v : v / b.count;
+}
+
+// Tap i of bin p along one axis, into the shared table.
+template <typename acc_t>
+__device__ __forceinline__ void fill_tap(
+    SharedTap<acc_t>& out,
+    acc_t start,
+    acc_t bin,
+    int64_t p,
+    int64_t i,
+    int64_t g,
+    int64_t size,
+    int64_t stride) {
+  int64_t lo = 0, hi = 0;
+  math::sample_range(start, bin, p, g, size, lo, hi);
+  math::AxisTap<acc_t> t;
+  if (i >= lo && i < hi && math::axis_tap(math::sample_coord(start, bin, p, i, g), size, t)) {
+    out.off_lo = t.lo * stride;
+    out.off_hi = t.hi * stride;
+    out.h = t.h;
+    out.l = t.l;
+  } else {
+    out.off_lo = -1;
+    out.off_hi = -1;
+    out.h = acc_t(0);
+    out.l = acc_t(0);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ void make_plan(
+    BoxPlan<scalar_t, acc_t>& plan,
+    const MapTable& maps,
+    const Selection& sel,
+    const acc_t* r,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t sampling_ratio,
+    bool aligned) {
+  plan.state = kEmpty;
+  int64_t idx = 0;
+  // The host has range-checked the indices; this guard only keeps bad input from reading
+  // out of bounds (the box then pools to zeros).
+  if (!math::batch_index(r[0], sel.num_images, idx)) {
+    return;
+  }
+  int64_t map = 0, image = idx;
+  if (sel.select == static_cast<int>(MapSelect::kRagged)) {
+    map = idx;
+    image = 0;
+  } else if (sel.select == static_cast<int>(MapSelect::kLevels)) {
+    map = math::fpn_level(r[1], r[2], r[3], r[4], sel.canonical_scale, sel.canonical_level, sel.k_min, sel.k_max);
+  }
+  if (map < 0 || map >= maps.num) {
+    return;
+  }
+  const MapDesc d = maps.num <= kInlineMaps ? maps.inline_maps[map] : maps.global[map];
+  const math::AlignGeometry<acc_t> g = math::align_geometry<acc_t>(
+      r[1], r[2], r[3], r[4], static_cast<acc_t>(d.scale), aligned, pooled_height, pooled_width, sampling_ratio);
+  plan.base = static_cast<const scalar_t*>(d.data) + image * d.stride_n;
+  plan.height = d.height;
+  plan.width = d.width;
+  plan.stride_c = d.stride_c;
+  plan.stride_h = d.stride_h;
+  plan.stride_w = d.stride_w;
+  plan.start_y = g.start_y;
+  plan.start_x = g.start_x;
+  plan.bin_h = g.bin_h;
+  plan.bin_w = g.bin_w;
+  plan.count = g.count;
+  plan.grid_h = g.grid_h;
+  plan.grid_w = g.grid_w;
+  plan.grid = (g.grid_h > 0 && g.grid_w > 0) ? g.grid_h * g.grid_w : 0;
+  // Divisions, not products: pooled sizes and grids are user-controlled and may overflow.
+  const bool fits = g.grid_h <= kTapCapacity / pooled_height && g.grid_w <= kTapCapacity / pooled_width;
+  plan.state = fits ? kSharedTaps : kComputedTaps;
+}
+
+template <typename scalar_t, bool kMax, bool kChannelsLast>
+__global__ void __launch_bounds__(cuda::kThreads) roi_align_kernel(
+    const __grid_constant__ MapTable maps,
+    const Selection sel,
+    const at::opmath_type<scalar_t>* __restrict__ rois,
+    int64_t num_boxes,
+    int64_t channels,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t sampling_ratio,
+    bool aligned,
+    int64_t chunk_channels,
+    int64_t chunks,
+    scalar_t* __restrict__ out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  __shared__ BoxPlan<scalar_t, acc_t> plan;
+  __shared__ SharedTap<acc_t> y_taps[kTapCapacity];
+  __shared__ SharedTap<acc_t> x_taps[kTapCapacity];
+  // Row stride kTileBins + 1: lanes writing one bin each hit different banks.
+  __shared__ acc_t tile[kChannelsLast ? kLanes * (kTileBins + 1) : 1];
+
+  const int64_t bins = pooled_height * pooled_width;
+  const int64_t jobs = num_boxes * chunks;
+  for (int64_t job = blockIdx.x; job < jobs; job += gridDim.x) {
+    int64_t k = 0, chunk = 0;
+    split(job, chunks, k, chunk);
+    const int64_t c0 = chunk * chunk_channels;
+    const int64_t cn = math::min_of(chunk_channels, channels - c0);
+    scalar_t* o = out + (k * channels + c0) * bins;  // cn * bins contiguous outputs
+
+    __syncthreads();  // the previous job is done with the shared plan and tables
+    if (threadIdx.x == 0) {
+      make_plan(plan, maps, sel, rois + k * 5, pooled_height, pooled_width, sampling_ratio, aligned);
+    }
+    __syncthreads();
+    const int state = plan.state;
+    if (state == kEmpty) {
+      for (int64_t t = threadIdx.x; t < cn * bins; t += blockDim.x) {
+        o[t] = static_cast<scalar_t>(acc_t(0));
+      }
+      continue;
+    }
+    const int64_t gh = plan.grid_h, gw = plan.grid_w;
+    if (state == kSharedTaps) {
+      const int64_t ny = pooled_height * gh, nx = pooled_width * gw;
+      for (int64_t t = threadIdx.x; t < ny + nx; t += blockDim.x) {
+        int64_t p = 0, i = 0;
+        if (t < ny) {
+          split(t, gh, p, i);
+          fill_tap(y_taps[t], plan.start_y, plan.bin_h, p, i, gh, plan.height, plan.stride_h);
+        } else {
+          split(t - ny, gw, p, i);
+          fill_tap(x_taps[t - ny], plan.start_x, plan.bin_w, p, i, gw, plan.width, plan.stride_w);
+        }
+      }
+      __syncthreads();
+    }
+    // Only what the table path needs goes to registers; the computed path reads the shared plan.
+    const scalar_t* base = plan.base + c0 * plan.stride_c;
+    const int64_t stride_c = plan.stride_c, grid = plan.grid;
+    const acc_t count = plan.count;
+
+    if (!kChannelsLast) {
+      for (int64_t t = threadIdx.x; t < cn * bins; t += blockDim.x) {
+        int64_t c = 0, bin = 0, ph = 0, pw = 0;
+        split(t, bins, c, bin);
+        split(bin, pooled_width, ph, pw);
+        const scalar_t* p = base + c * stride_c;
+        const acc_t v = state == kSharedTaps
+            ? bin_from_table<kMax>(p, y_taps + ph * gh, x_taps + pw * gw, gh, gw, grid, count)
+            : bin_computed<kMax>(plan, p, ph, pw);
+        o[t] = static_cast<scalar_t>(v);
+      }
+    } else {
+      const int lane = threadIdx.x % kLanes;
+      const int warp = threadIdx.x / kLanes;
+      const int warps = blockDim.x / kLanes;
+      const scalar_t* p = base + lane * stride_c;
+      for (int64_t b0 = 0; b0 < bins; b0 += kTileBins) {
+        const int64_t bn = math::min_of(kTileBins, bins - b0);
+        if (lane < cn) {
+          for (int64_t j = warp; j < bn; j += warps) {
+            int64_t ph = 0, pw = 0;
+            split(b0 + j, pooled_width, ph, pw);
+            tile[lane * (kTileBins + 1) + j] = state == kSharedTaps
+                ? bin_from_table<kMax>(p, y_taps + ph * gh, x_taps + pw * gw, gh, gw, grid, count)
+                : bin_computed<kMax>(plan, p, ph, pw);
+          }
+        }
+        __syncthreads();
+        for (int64_t t = threadIdx.x; t < cn * bn; t += blockDim.x) {
+          int64_t c = 0, j = 0;
+          split(t, bn, c, j);
+          o[c * bins + b0 + j] = static_cast<scalar_t>(tile[c * (kTileBins + 1) + j]);
+        }
+        __syncthreads();
+      }
+    }
+  }
+}
+
+// The descriptors of the map set's maps, with a device copy when they do not fit inline.
+struct DeviceMaps {
+  MapTable table;
+  at::Tensor storage;  // keeps the device copy alive until the launch is queued
+};
+
+DeviceMaps describe_maps(const MapSet& s) {
+  DeviceMaps d;
+  std::memset(&d.table, 0, sizeof(d.table));
+  const int64_t n = static_cast<int64_t>(s.maps.size());
+  std::vector<MapDesc> descs(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& m = s.maps[i];
+    descs[i] = MapDesc{
+        m.const_data_ptr(), m.size(2), m.size(3), m.stride(0), m.stride(1), m.stride(2), m.stride(3), s.scales[i]};
+  }
+  d.table.num = n;
+  if (n <= kInlineMaps) {
+    std::copy(descs.begin(), descs.end(), d.table.inline_maps);
+    d.table.global = nullptr;
+  } else {
+    const int64_t bytes = n * static_cast<int64_t>(sizeof(MapDesc));
+    // Pinned staging so that the copy is queued on the stream without a host sync; the
+    // caching host allocator keeps the buffer until the copy has run.
+    at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    std::memcpy(host.mutable_data_ptr(), descs.data(), bytes);
+    d.storage = host.to(at::TensorOptions().device(s.first().device()), /*non_blocking=*/true);
+    d.table.global = static_cast<const MapDesc*>(d.storage.const_data_ptr());
+  }
+  return d;
+}
+
+template <typename scalar_t, bool kMax, bool kChannelsLast>
+void launch(
+    const MapSet& s,
+    const MapTable& table,
+    const Selection& sel,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t sampling_ratio,
+    bool aligned,
+    int64_t chunk_channels,
+    at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t num_boxes = s.rois.size(0);
+  const int64_t chunks = (s.channels + chunk_channels - 1) / chunk_channels;
+  const int64_t blocks = std::min(num_boxes * chunks, kMaxBlocks);
+  roi_align_kernel<scalar_t, kMax, kChannelsLast>
+      <<<static_cast<unsigned int>(blocks), cuda::kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          table,
+          sel,
+          s.rois.const_data_ptr<acc_t>(),
+          num_boxes,
+          s.channels,
+          pooled_height,
+          pooled_width,
+          sampling_ratio,
+          aligned,
+          chunk_channels,
+          chunks,
+          out.mutable_data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor run(
+    const MapSet& s,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t sampling_ratio,
+    bool aligned,
+    c10::string_view pool_mode) {
+  const PoolMode mode = checks::parse_pool_mode(pool_mode);
+  for (const at::Tensor& m : s.maps) {
+    TORCH_CHECK(m.is_cuda(), "the CUDA roi_align got a map on ", m.device());
+  }
+  TORCH_CHECK(s.rois.is_cuda(), "boxes must be on the device of the maps, got ", s.rois.device());
+  c10::cuda::CUDAGuard guard(s.first().device());
+  const int64_t num_boxes = s.rois.size(0);
+  at::Tensor out = at::empty({num_boxes, s.channels, pooled_height, pooled_width}, s.first().options());
+  if (num_boxes == 0 || s.channels == 0) {
+    return out;
+  }
+  const DeviceMaps maps = describe_maps(s);
+  const Selection sel{static_cast<int>(s.select), s.num_images, s.k_min, s.k_max, s.canonical_scale, s.canonical_level};
+  // The thread mapping follows the first map's layout; every map is read with its own strides,
+  // so a set that mixes layouts is still read correctly.
+  const bool channels_last = s.channels > 1 && s.first().stride(1) == 1;
+  const int64_t bins = pooled_height * pooled_width;
+  const int64_t chunk_channels =
+      channels_last ? kLanes : std::max<int64_t>(1, std::min<int64_t>(s.channels, kNchwOutputs / bins));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.first().scalar_type(), "roi_align_cuda", [&] {
+    const bool is_max = mode == PoolMode::kMax;
+    if (channels_last) {
+      if (is_max) {
+        launch<scalar_t, true, true>(s, maps.table, sel, pooled_height, pooled_width, sampling_ratio, aligned, chunk_channels, out);
+      } else {
+        launch<scalar_t, false, true>(s, maps.table, sel, pooled_height, pooled_width, sampling_ratio, aligned, chunk_channels, out);
+      }
+    } else {
+      if (is_max) {
+        launch<scalar_t, true, false>(s, maps.table, sel, pooled_height, pooled_width, sampling_ratio, aligned, chunk_channels, out);
+      } else {
+        launch<scalar_t, false, false>(s, maps.table, sel, pooled_height, pooled_width, sampling_ratio, aligned, chunk_channels, out);
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor roi_align_forward_kernel(
+    const at::Tensor& input,
+    const at::Tensor& rois,
+    double spatial_scale,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t sampling_ratio,
+    bool aligned,
+    c10::string_view pool_mode) {
+  const MapSet s = map_set_single(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio);
+  return run(s, pooled_height, pooled_width, sampling_ratio, aligned, pool_mode);
+}
+
+at::Tensor roi_align_ragged_forward_kernel(
+    at::TensorList features,
+    const at::Tensor& rois,
+    double spatial_scale,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t sampling_ratio,
+    bool aligned,
+    c10::string_view pool_mode) {
+  const MapSet s = map_set_ragged(features, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio);
+  return run(s, pooled_height, pooled_width, sampling_ratio, aligned, pool_mode);
+}
+
+at::Tensor multiscale_roi_align_forward_kernel(
+    at::TensorList features,
+    const at::Tensor& rois,
+    at::ArrayRef<double> spatial_scales,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t sampling_ratio,
+    bool aligned,
+    c10::string_view pool_mode,
+    int64_t canonical_scale,
+    int64_t canonical_level) {
+  const MapSet s = map_set_levels(
+      features, rois, spatial_scales, pooled_height, pooled_width, sampling_ratio, canonical_scale,
+      canonical_level);
+  return run(s, pooled_height, pooled_width, sampling_ratio, aligned, pool_mode);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(roi_kernels, CUDA, m) {
+  m.impl("roi_align", &roi_align_forward_kernel);
+  m.impl("roi_align_ragged", &roi_align_ragged_forward_kernel);
+  m.impl("multiscale_roi_align", &multiscale_roi_align_forward_kernel);
+}
+
+}  // namespace roi_kernels
