@@ -15,10 +15,14 @@ from .channel import (
     HEALTH_CHECK,
     POOL,
     POOL_STREAM,
+    PemSource,
+    call_metadata,
+    channel_credentials,
     channel_options,
     channel_target,
     health_request,
     health_status,
+    tls_options,
 )
 from .errors import RoIError
 from .op_methods import UNSET, OpMethods
@@ -31,7 +35,8 @@ class AsyncRoIClient(OpMethods):
     as ``async with AsyncRoIClient(...) as client``, from one event loop.
 
     The op methods encode the request when called (on the caller's thread) and return an
-    awaitable of the result.
+    awaitable of the result. The constructor's arguments (TLS files, ``token``, ...) are
+    :class:`~roi_client.RoIClient`'s.
     """
 
     def __init__(
@@ -43,14 +48,22 @@ class AsyncRoIClient(OpMethods):
         credentials: grpc.ChannelCredentials | None = None,
         max_attempts: int = 5,
         options: Sequence[tuple[str, Any]] = (),
+        tls: bool | None = None,
+        tls_ca: PemSource | None = None,
+        tls_cert: PemSource | None = None,
+        tls_key: PemSource | None = None,
+        tls_server_name: str | None = None,
+        token: str | None = None,
     ) -> None:
         self.target = channel_target(target)
         self.timeout = timeout
-        opts = channel_options(max_message_bytes, max_attempts) + list(options)
-        if credentials is None:
+        self._metadata = call_metadata(token)
+        creds = channel_credentials(tls, tls_ca, tls_cert, tls_key, credentials)
+        opts = channel_options(max_message_bytes, max_attempts) + tls_options(tls_server_name) + list(options)
+        if creds is None:
             self._channel = grpc.aio.insecure_channel(self.target, options=opts)
         else:
-            self._channel = grpc.aio.secure_channel(self.target, credentials, options=opts)
+            self._channel = grpc.aio.secure_channel(self.target, creds, options=opts)
         self._pool = self._channel.unary_unary(POOL)
         self._stream = self._channel.stream_stream(POOL_STREAM)
         self._describe = self._channel.unary_unary(DESCRIBE)
@@ -70,7 +83,7 @@ class AsyncRoIClient(OpMethods):
 
     async def pool_with_timings(self, request: EncodedRequest, *, timeout: float | None = UNSET) -> PoolResult:
         try:
-            raw = await self._pool(request.payload, timeout=self._timeout(timeout))
+            raw = await self._pool(request.payload, timeout=self._timeout(timeout), metadata=self._metadata)
         except grpc.RpcError as exc:
             raise RoIError.from_rpc_error(exc) from None
         return results.decode_response(raw, request)
@@ -97,7 +110,7 @@ class AsyncRoIClient(OpMethods):
                     as_torch[r.id] = r.as_torch
                     yield r.payload
 
-        call = self._stream(payloads(), timeout=self._timeout(timeout))
+        call = self._stream(payloads(), timeout=self._timeout(timeout), metadata=self._metadata)
         try:
             async for raw in call:
                 yield results.decode_stream_response(raw, as_torch)
@@ -108,14 +121,14 @@ class AsyncRoIClient(OpMethods):
 
     async def describe(self, *, timeout: float | None = UNSET) -> ServerInfo:
         try:
-            raw = await self._describe(b"", timeout=self._timeout(timeout))
+            raw = await self._describe(b"", timeout=self._timeout(timeout), metadata=self._metadata)
         except grpc.RpcError as exc:
             raise RoIError.from_rpc_error(exc) from None
         return results.decode_describe(raw)
 
     async def health(self, service: str = "", *, timeout: float | None = UNSET) -> str:
         try:
-            raw = await self._health(health_request(service), timeout=self._timeout(timeout))
+            raw = await self._health(health_request(service), timeout=self._timeout(timeout), metadata=self._metadata)
         except grpc.RpcError as exc:
             raise RoIError.from_rpc_error(exc) from None
         return health_status(raw)

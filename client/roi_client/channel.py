@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import socket
 from collections.abc import Sequence
+from typing import Union
 
 import grpc
 
@@ -20,6 +22,9 @@ HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 << 20
 DEFAULT_TARGET = "localhost:50051"
+
+# A PEM file's path, or its contents as bytes.
+PemSource = Union[str, "os.PathLike[str]", bytes]
 
 
 def service_config(max_attempts: int = 5) -> str:
@@ -117,3 +122,63 @@ def health_status(raw: bytes) -> str:
 
     status = health_pb2.HealthCheckResponse.FromString(raw).status
     return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+
+
+def _pem(source: PemSource | None, name: str) -> bytes | None:
+    if source is None:
+        return None
+    if isinstance(source, bytes):
+        return source
+    path = os.fspath(source)
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise RoIError.invalid_argument(f"{name}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+def channel_credentials(
+    tls: bool | None,
+    tls_ca: PemSource | None,
+    tls_cert: PemSource | None,
+    tls_key: PemSource | None,
+    credentials: grpc.ChannelCredentials | None,
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials from PEM files (or bytes), or None for plaintext.
+
+    TLS is on when ``tls`` is true or any file is given (``tls=False`` with a file is an
+    error). ``tls_ca`` is the CA that signed the server's certificate (default: the system's
+    roots); ``tls_cert`` and ``tls_key`` are the client's certificate and key for mutual TLS.
+    """
+    files = (tls_ca, tls_cert, tls_key)
+    if credentials is not None:
+        if tls or any(f is not None for f in files):
+            raise RoIError.invalid_argument("give credentials or the tls_* arguments, not both")
+        return credentials
+    if tls is False and any(f is not None for f in files):
+        raise RoIError.invalid_argument("tls=False contradicts the tls_* files given")
+    if not tls and all(f is None for f in files):
+        return None
+    if (tls_cert is None) != (tls_key is None):
+        raise RoIError.invalid_argument("tls_cert and tls_key: give both (mutual TLS) or neither")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_pem(tls_ca, "tls_ca"),
+        private_key=_pem(tls_key, "tls_key"),
+        certificate_chain=_pem(tls_cert, "tls_cert"),
+    )
+
+
+def tls_options(server_name: str | None) -> list[tuple[str, object]]:
+    """Verifies the server's certificate against ``server_name`` instead of the target's
+    host (for a target given as an IP address, or a proxy in between)."""
+    return [("grpc.ssl_target_name_override", server_name)] if server_name else []
+
+
+def call_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    """The ``authorization: Bearer <token>`` metadata sent with every call."""
+    if token is None:
+        return None
+    token = token.strip()
+    if not token or not (token.isascii() and token.isprintable()) or any(c.isspace() for c in token):
+        raise RoIError.invalid_argument("token must be non-empty printable ASCII without spaces")
+    return (("authorization", f"Bearer {token}"),)

@@ -15,10 +15,14 @@ from .channel import (
     HEALTH_CHECK,
     POOL,
     POOL_STREAM,
+    PemSource,
+    call_metadata,
+    channel_credentials,
     channel_options,
     channel_target,
     health_request,
     health_status,
+    tls_options,
 )
 from .errors import RoIError
 from .op_methods import UNSET, OpMethods
@@ -41,9 +45,16 @@ class RoIClient(OpMethods):
             balanced round-robin.
         timeout: default deadline of each call in seconds (None: no deadline).
         max_message_bytes: largest request and response (the server has its own limit).
-        credentials: ``grpc.ChannelCredentials`` for TLS; None for plaintext.
+        credentials: ready-made ``grpc.ChannelCredentials`` (instead of the ``tls_*`` arguments).
         max_attempts: attempts per call while the server answers UNAVAILABLE (1: no retry).
         options: further ``(name, value)`` channel options.
+        tls: connect with TLS (implied by any ``tls_*`` file); verified against the system's
+            root certificates unless ``tls_ca`` is given.
+        tls_ca: PEM file (path, or its bytes) of the CA that signed the server's certificate.
+        tls_cert, tls_key: PEM files of this client's certificate and key (mutual TLS).
+        tls_server_name: the name the server's certificate must carry, when it is not the
+            target's host (for example a target given as an IP address).
+        token: bearer token sent with every call (``authorization: Bearer <token>``).
     """
 
     def __init__(
@@ -55,14 +66,22 @@ class RoIClient(OpMethods):
         credentials: grpc.ChannelCredentials | None = None,
         max_attempts: int = 5,
         options: Sequence[tuple[str, Any]] = (),
+        tls: bool | None = None,
+        tls_ca: PemSource | None = None,
+        tls_cert: PemSource | None = None,
+        tls_key: PemSource | None = None,
+        tls_server_name: str | None = None,
+        token: str | None = None,
     ) -> None:
         self.target = channel_target(target)
         self.timeout = timeout
-        opts = channel_options(max_message_bytes, max_attempts) + list(options)
-        if credentials is None:
+        self._metadata = call_metadata(token)
+        creds = channel_credentials(tls, tls_ca, tls_cert, tls_key, credentials)
+        opts = channel_options(max_message_bytes, max_attempts) + tls_options(tls_server_name) + list(options)
+        if creds is None:
             self._channel = grpc.insecure_channel(self.target, options=opts)
         else:
-            self._channel = grpc.secure_channel(self.target, credentials, options=opts)
+            self._channel = grpc.secure_channel(self.target, creds, options=opts)
         # Raw bytes both ways: requests are serialised once (EncodedRequest), and responses
         # are parsed where their tensors are decoded.
         self._pool = self._channel.unary_unary(POOL)
@@ -89,7 +108,7 @@ class RoIClient(OpMethods):
     def pool_with_timings(self, request: EncodedRequest, *, timeout: float | None = UNSET) -> PoolResult:
         """Sends a prepared request; returns its output and the server's timings."""
         try:
-            raw = self._pool(request.payload, timeout=self._timeout(timeout))
+            raw = self._pool(request.payload, timeout=self._timeout(timeout), metadata=self._metadata)
         except grpc.RpcError as exc:
             raise RoIError.from_rpc_error(exc) from None
         return results.decode_response(raw, request)
@@ -109,7 +128,7 @@ class RoIClient(OpMethods):
                 as_torch[r.id] = r.as_torch
                 yield r.payload
 
-        call = self._stream(payloads(), timeout=self._timeout(timeout))
+        call = self._stream(payloads(), timeout=self._timeout(timeout), metadata=self._metadata)
         try:
             for raw in call:
                 yield results.decode_stream_response(raw, as_torch)
@@ -120,7 +139,7 @@ class RoIClient(OpMethods):
 
     def describe(self, *, timeout: float | None = UNSET) -> ServerInfo:
         try:
-            raw = self._describe(b"", timeout=self._timeout(timeout))
+            raw = self._describe(b"", timeout=self._timeout(timeout), metadata=self._metadata)
         except grpc.RpcError as exc:
             raise RoIError.from_rpc_error(exc) from None
         return results.decode_describe(raw)
@@ -128,7 +147,7 @@ class RoIClient(OpMethods):
     def health(self, service: str = "", *, timeout: float | None = UNSET) -> str:
         """The standard health check: "SERVING", "NOT_SERVING", ..."""
         try:
-            raw = self._health(health_request(service), timeout=self._timeout(timeout))
+            raw = self._health(health_request(service), timeout=self._timeout(timeout), metadata=self._metadata)
         except grpc.RpcError as exc:
             raise RoIError.from_rpc_error(exc) from None
         return health_status(raw)

@@ -23,25 +23,24 @@ from grpc_reflection.v1alpha import reflection
 from roi_client._proto.roi.v1 import roi_pb2
 
 from . import __version__
+from .auth import TokenAuthInterceptor
 from .batcher import BatchPolicy, DynamicBatcher
 from .codec import Limits
 from .metrics import MetricsHTTPServer, ServiceMetrics
 from .service import SERVICE_NAME, RoIService, ServerInfo
 from .settings import Settings
+from .tls import describe as describe_transport
+from .tls import server_credentials
 
 log = logging.getLogger("roi_server")
 
 HEALTH_SERVICES = ("", SERVICE_NAME)
 
 
-def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    """The port's credentials; None listens in plaintext. (TLS and client certificates go here.)"""
-    return None
-
-
 def build_interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
-    """Interceptors run on every call, health and reflection included (authentication goes here)."""
-    return []
+    """Interceptors run on every call, health and reflection included."""
+    token = settings.bearer_token()
+    return [TokenAuthInterceptor(token)] if token else []
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
@@ -193,10 +192,12 @@ class RoIServer:
         for service in HEALTH_SERVICES:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         metrics_text = f"metrics on :{self.metrics_port}" if self.metrics_port is not None else "metrics off"
+        security = describe_transport(s) + (", token required" if s.auth_token or s.auth_token_file else "")
         log.info(
-            "listening on %s:%d (device %s, ops %s, warmed up in %.1f s), %s",
+            "listening on %s:%d (%s; device %s, ops %s, warmed up in %.1f s), %s",
             s.host,
             self.port,
+            security,
             device,
             ",".join(info.ops),
             time.perf_counter() - started,

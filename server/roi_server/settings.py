@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 MiB = 1 << 20
@@ -38,6 +38,12 @@ class Settings:
     log_level: str = "info"
     grace_s: float = 20.0
     max_connection_age_s: float = 0.0
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    auth_token_file: str = ""
+    # Never printed: kept out of repr, logs and error messages.
+    auth_token: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         problems = validate(self)
@@ -52,15 +58,30 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+    def bearer_token(self) -> str | None:
+        """The token clients must send (``authorization: Bearer <token>``), or None when
+        token authentication is off."""
+        if self.auth_token:
+            return self.auth_token
+        if self.auth_token_file:
+            return read_token_file(self.auth_token_file)
+        return None
+
 
 @dataclass(frozen=True)
 class Field:
     name: str
-    flag: str
+    # None: set by the environment variable only (a secret should not show in process lists).
+    flag: str | None
     env: str
     parse: Callable[[str], Any]
     help: str
     choices: tuple[str, ...] | None = None
+    secret: bool = False
 
 
 def _device(text: str) -> str:
@@ -73,6 +94,38 @@ def _device(text: str) -> str:
 def _int(text: str) -> int:
     # Underscores allowed, as in Python literals: 268_435_456.
     return int(text.strip().replace("_", ""))
+
+
+def _path(text: str) -> str:
+    return os.path.expanduser(text.strip())
+
+
+def _check_pem(path: str, name: str, kind: str) -> str | None:
+    """None when ``path`` is a readable PEM file holding a ``kind`` ("CERTIFICATE",
+    "PRIVATE KEY"), else the problem."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as exc:
+        return f"{name}: cannot read {path}: {exc.strerror or exc}"
+    if b"-----BEGIN" not in text or kind.encode() not in text:
+        return f"{name}: {path} holds no PEM {kind.lower()}"
+    return None
+
+
+def read_token_file(path: str) -> str:
+    """The token in ``path`` (surrounding whitespace and a final newline dropped)."""
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip()
+
+
+def _token_problem(token: str, source: str) -> str | None:
+    # gRPC metadata values must be printable ASCII; a space would split the header.
+    if not token:
+        return f"{source}: the token is empty"
+    if not (token.isascii() and token.isprintable()) or any(c.isspace() for c in token):
+        return f"{source}: the token must be printable ASCII without spaces"
+    return None
 
 
 FIELDS: tuple[Field, ...] = (
@@ -167,6 +220,36 @@ FIELDS: tuple[Field, ...] = (
         float,
         "close connections after this long so that clients re-resolve (0: never)",
     ),
+    Field(
+        "tls_cert",
+        "--tls-cert",
+        "ROI_TLS_CERT",
+        _path,
+        "PEM certificate (chain) of the server; with --tls-key the gRPC port speaks TLS only",
+    ),
+    Field("tls_key", "--tls-key", "ROI_TLS_KEY", _path, "PEM private key of --tls-cert"),
+    Field(
+        "tls_client_ca",
+        "--tls-client-ca",
+        "ROI_TLS_CLIENT_CA",
+        _path,
+        "PEM CA certificate(s): clients must present a certificate signed by one (mutual TLS)",
+    ),
+    Field(
+        "auth_token_file",
+        "--auth-token-file",
+        "ROI_AUTH_TOKEN_FILE",
+        _path,
+        "file holding the bearer token every call but health checks must carry",
+    ),
+    Field(
+        "auth_token",
+        None,
+        "ROI_AUTH_TOKEN",
+        lambda s: s.strip(),
+        "the bearer token itself (instead of a file); never logged",
+        secret=True,
+    ),
 )
 
 
@@ -203,6 +286,33 @@ def validate(s: Settings) -> list[str]:
         _device(s.device)
     except ValueError as exc:
         problems.append(str(exc))
+
+    need(bool(s.tls_cert) == bool(s.tls_key), "tls_cert and tls_key: give both (TLS) or neither (plaintext)")
+    need(not s.tls_client_ca or bool(s.tls_cert), "tls_client_ca needs tls_cert and tls_key (mutual TLS is TLS)")
+    for name, path, kind in (
+        ("tls_cert", s.tls_cert, "CERTIFICATE"),
+        ("tls_key", s.tls_key, "PRIVATE KEY"),
+        ("tls_client_ca", s.tls_client_ca, "CERTIFICATE"),
+    ):
+        if path:
+            problem = _check_pem(path, name, kind)
+            if problem:
+                problems.append(problem)
+
+    need(not (s.auth_token and s.auth_token_file), "auth_token (ROI_AUTH_TOKEN) and auth_token_file: give one")
+    if s.auth_token:
+        problem = _token_problem(s.auth_token, "auth_token (ROI_AUTH_TOKEN)")
+        if problem:
+            problems.append(problem)
+    elif s.auth_token_file:
+        try:
+            token = read_token_file(s.auth_token_file)
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"auth_token_file: cannot read {s.auth_token_file}: {getattr(exc, 'strerror', None) or exc}")
+        else:
+            problem = _token_problem(token, f"auth_token_file {s.auth_token_file}")
+            if problem:
+                problems.append(problem)
     return problems
 
 
@@ -214,13 +324,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     defaults = Settings()
     for f in FIELDS:
+        if f.flag is None:
+            continue
         parser.add_argument(
             f.flag,
             dest=f.name,
             default=None,
             metavar="{" + ",".join(f.choices) + "}" if f.choices else f.name.upper(),
-            help=f"{f.help} [env {f.env}, default {getattr(defaults, f.name)}]",
+            help=f"{f.help} [env {f.env}, default {getattr(defaults, f.name) if getattr(defaults, f.name) != '' else 'none'}]",
         )
+    secrets = [f for f in FIELDS if f.flag is None]
+    if secrets:
+        parser.epilog = (parser.epilog or "") + " Set by environment only: " + "; ".join(
+            f"{f.env}: {f.help}" for f in secrets
+        ) + "."
     return parser
 
 
@@ -232,8 +349,8 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
     for f in FIELDS:
-        raw = getattr(args, f.name)
-        source = f.flag
+        raw = getattr(args, f.name) if f.flag is not None else None
+        source = f.flag or f.env
         if raw is None:
             raw = environ.get(f.env)
             source = f.env
@@ -242,7 +359,8 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
         try:
             value = f.parse(raw)
         except ValueError as exc:
-            raise ValueError(f"{source}: cannot read {raw!r}: {exc}") from None
+            shown = "the given value" if f.secret else repr(raw)
+            raise ValueError(f"{source}: cannot read {shown}: {exc}") from None
         if f.choices and value not in f.choices:
             raise ValueError(f"{source} must be one of {', '.join(f.choices)}, got {raw!r}")
         values[f.name] = value

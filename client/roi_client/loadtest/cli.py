@@ -9,6 +9,7 @@ import platform
 import sys
 import time
 
+from ..errors import RoIError
 from . import report, runner, verify, workload as wl
 from .stats import summarize
 
@@ -98,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--latency-limit", type=float, metavar="MS", help="stop a sweep once p99 latency exceeds this")
     load.add_argument("--timeout", type=float, default=60.0, help="per-request deadline in seconds (default 60)")
 
+    sec = p.add_argument_group("security (as the server is set up)")
+    sec.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's root certificates")
+    sec.add_argument("--tls-ca", metavar="PEM", help="TLS, trusting this CA for the server's certificate")
+    sec.add_argument("--tls-cert", metavar="PEM", help="this client's certificate (mutual TLS; with --tls-key)")
+    sec.add_argument("--tls-key", metavar="PEM", help="this client's private key")
+    sec.add_argument("--tls-server-name", metavar="NAME", help="the name to verify in the server's certificate")
+    sec.add_argument("--token-file", metavar="PATH",
+                     help="file holding the bearer token to send (default: the ROI_AUTH_TOKEN variable, if set)")
+
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="PATH", help="write the figures as JSON ('-' for stdout)")
     o.add_argument("--plot", metavar="PATH", help="write a PNG: latency vs throughput for sweeps, latency histogram otherwise")
@@ -158,10 +168,29 @@ class _Bar:
             self.bar.close()
 
 
+def _client_options(args) -> dict:
+    """The clients' TLS and token arguments from the flags."""
+    token = None
+    if args.token_file:
+        with open(args.token_file, encoding="utf-8") as f:
+            token = f.read().strip()
+    elif os.environ.get("ROI_AUTH_TOKEN"):
+        token = os.environ["ROI_AUTH_TOKEN"]
+    return {
+        "tls": True if args.tls else None,
+        "tls_ca": args.tls_ca,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "tls_server_name": args.tls_server_name,
+        "token": token,
+    }
+
+
 async def _main_async(args, work: wl.Workload, mode: str, steps, say) -> dict:
     from .senders import open_senders
 
-    senders, servers, close = await open_senders(args.targets, work, timeout=args.timeout)
+    senders, servers, close = await open_senders(args.targets, work, timeout=args.timeout,
+                                                 client_options=_client_options(args))
     plan = runner.Plan(
         warmup_s=args.warmup,
         duration_s=None if args.requests else (args.duration if args.duration is not None else 5.0),
@@ -234,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConnectionError as exc:
         print(f"roi-loadtest: {exc}", file=sys.stderr)
         return 3
+    except (OSError, RoIError) as exc:  # a TLS or token file that cannot be read
+        print(f"roi-loadtest: {exc}", file=sys.stderr)
+        return 2
     runs = result["runs"]
     for srv in result["servers"]:
         if srv:

@@ -81,9 +81,11 @@ class ClientSender:
 
 
 async def open_senders(targets: list[str], w: Workload, *, timeout: float, wire_dtype: str | None = None,
-                       connections: int = 1, max_message_bytes: int = MAX_MESSAGE_BYTES):
+                       connections: int = 1, max_message_bytes: int = MAX_MESSAGE_BYTES,
+                       client_options: dict | None = None):
     """(senders, server descriptions, async close). Each target gets ``connections`` clients of
-    its own connection; requests take the senders in turn."""
+    its own connection; requests take the senders in turn. ``client_options`` go to each
+    :class:`~roi_client.AsyncRoIClient` (TLS files, token)."""
     request = encode(w, wire_dtype)
     wire = wire_dtype or w.dtype
     clients, senders = [], []
@@ -93,7 +95,7 @@ async def open_senders(targets: list[str], w: Workload, *, timeout: float, wire_
     for target in targets:
         for _ in range(connections):
             client = AsyncRoIClient(target, timeout=timeout, max_attempts=1, max_message_bytes=max_message_bytes,
-                                    options=options)
+                                    options=options, **(client_options or {}))
             clients.append(client)
             senders.append(ClientSender(client, request, target, wire))
 
