@@ -12,6 +12,10 @@ import time
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
+# Set by configure_logging: only then are libraries' own handlers replaced.
+_configured = False
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -39,3 +43,21 @@ def configure_logging(fmt: str = "console", level: str = "info") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    global _configured
+    _configured = True
+
+
+def adopt_library_logs(names: tuple[str, ...] = ("torch",)) -> None:
+    """Sends the named libraries' records through the handler configured here.
+
+    torch installs a stderr handler of its own (glog-style lines, not propagated) when it is
+    imported; left alone, its warnings (such as the extension build's) would break a JSON
+    log stream. Call this after importing the library.
+    """
+    if not _configured:
+        return  # an embedding application configures logging its own way: leave it
+    for name in names:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True

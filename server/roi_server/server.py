@@ -69,6 +69,9 @@ def _load_kernels(settings: Settings):
     """Imports roi_kernels (compiling it on first use) and opens the device; runs on a thread."""
     import torch
 
+    from .logging_setup import adopt_library_logs
+
+    adopt_library_logs()
     import roi_kernels  # noqa: F401  (registers torch.ops.roi_kernels)
 
     from .engine import KernelEngine, resolve_device
@@ -89,7 +92,9 @@ class RoIServer:
         self.service = RoIService(
             Limits(settings.max_boxes, settings.max_output_elements, settings.max_message_bytes),
             self.metrics,
-            stream_window=max(2 * settings.max_batch_requests, 16),
+            # A stream keeps at most this many of its requests in the server; never more than
+            # the queue holds, so that one busy stream alone is slowed down, not refused.
+            stream_window=min(max(2 * settings.max_batch_requests, 16), settings.max_queue),
         )
         self.engine = None
         self.batcher: DynamicBatcher | None = None
