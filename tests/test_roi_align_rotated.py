@@ -236,7 +236,7 @@ def test_angle_is_periodic_and_signed(seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_large_box_equals_reference_that_visits_every_sample(seed, aligned, dtype):
     """Boxes far larger than the map, at any angle: the kernel visits only the samples that can
-    land on the map (ps_rotated_math.h's rotated_scan); the reference visits all ~10^6."""
+    land on the map (roi_math.h's rotated_scan); the reference visits all ~10^6."""
     gen = torch.Generator().manual_seed(seed)
     x = make_input(gen, n=1, c=2, h=20, w=24, dtype=torch.float64, zero_border=dtype == torch.float32)
     angle = float(torch.rand(1, generator=gen)) * 360 - 180
@@ -257,10 +257,10 @@ def test_large_box_equals_reference_that_visits_every_sample(seed, aligned, dtyp
 
 
 def test_huge_and_non_finite_rois_are_defined_and_fast(seed):
-    """The work per bin is bounded by the map, not the box (see ps_rotated_math.h): boxes of
+    """The work per bin is bounded by the map, not the box (see roi_math.h): boxes of
     10^30 pixels, whose adaptive grid is capped at 2^30 x 2^30 samples per bin, finish at once.
 
-    Definition (documented in ps_rotated_math.h): NaN or infinite values anywhere in a box leave
+    Definition (documented in roi_math.h): NaN or infinite values anywhere in a box leave
     no sample on the map (all 0); for finite boxes whose float32 rounding of sample positions
     exceeds 64 sample spacings (coordinates of about 2^24 spacings and more), samples whose exact
     position is more than 64 spacings off the map are skipped; all outputs stay finite."""

@@ -6,6 +6,7 @@
 //   kSingle:   one map [N, C, H, W]; the box's image index picks the image.
 //   kRagged:   map i is image i ([1, C, H_i, W_i]); the box's image index picks the map.
 //   kLevels:   FPN levels [N, C, H_l, W_l]; math::fpn_level picks the map, the index the image.
+// The kernels apply the rule with math::select_map (roi_math.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -15,10 +16,11 @@
 #include <vector>
 
 #include "checks.h"
+#include "roi_math.h"
 
 namespace roi_kernels {
 
-enum class MapSelect { kSingle = 0, kRagged = 1, kLevels = 2 };
+using math::MapSelect;
 
 struct MapSet {
   std::vector<at::Tensor> maps;  // each 4-D [N_m, C, H_m, W_m], same dtype and device
@@ -32,6 +34,19 @@ struct MapSet {
 
   const at::Tensor& first() const {
     return maps.front();
+  }
+
+  // The selection rule as the kernels' math::select_map takes it.
+  math::MapSelection selection() const {
+    math::MapSelection sel;
+    sel.select = select;
+    sel.num_images = num_images;
+    sel.num_maps = static_cast<int64_t>(maps.size());
+    sel.k_min = k_min;
+    sel.k_max = k_max;
+    sel.canonical_scale = canonical_scale;
+    sel.canonical_level = canonical_level;
+    return sel;
   }
 };
 

@@ -15,7 +15,6 @@
 #include <vector>
 
 #include "../checks.h"
-#include "../ps_rotated_math.h"
 #include "../roi_math.h"
 
 namespace roi_kernels {
@@ -72,16 +71,13 @@ void ps_roi_align_cpu(
         continue;  // checked before the kernel; guarded here all the same
       }
       image[k] = n;
-      // torchvision's ps_roi_align always shifts by half a pixel and has no minimum size.
-      geometry[k] = math::align_geometry<acc_t>(
-          b[1], b[2], b[3], b[4], static_cast<acc_t>(spatial_scale), /*aligned=*/true, pooled_height,
-          pooled_width, sampling_ratio);
+      geometry[k] = math::ps_align_geometry<acc_t>(
+          b[1], b[2], b[3], b[4], static_cast<acc_t>(spatial_scale), pooled_height, pooled_width, sampling_ratio);
     }
   });
 
   const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(channels_out, 1));
   at::parallel_for(0, num_boxes * bins, grain, [&](int64_t begin, int64_t end) {
-    std::vector<math::AxisTap<acc_t>> row_taps, col_taps;
     std::vector<math::BilinearTaps<acc_t>> taps;
     std::vector<acc_t> sums(channels_out);
     taps.reserve(kTapChunk);
@@ -96,24 +92,6 @@ void ps_roi_align_cpu(
         continue;
       }
       const math::AlignGeometry<acc_t>& g = geometry[k];
-      // Off-map rows and columns contribute 0 to torchvision's sum; only the others are kept.
-      row_taps.clear();
-      col_taps.clear();
-      int64_t lo = 0, hi = 0;
-      math::sample_range(g.start_y, g.bin_h, ph, g.grid_h, height, lo, hi);
-      for (int64_t iy = lo; iy < hi; ++iy) {
-        math::AxisTap<acc_t> t;
-        if (math::axis_tap(math::sample_coord(g.start_y, g.bin_h, ph, iy, g.grid_h), height, t)) {
-          row_taps.push_back(t);
-        }
-      }
-      math::sample_range(g.start_x, g.bin_w, pw, g.grid_w, width, lo, hi);
-      for (int64_t ix = lo; ix < hi; ++ix) {
-        math::AxisTap<acc_t> t;
-        if (math::axis_tap(math::sample_coord(g.start_x, g.bin_w, pw, ix, g.grid_w), width, t)) {
-          col_taps.push_back(t);
-        }
-      }
       // Input channel of output channel c is ps_input_channel(c, ph, pw) = c * bins + bin.
       const scalar_t* first_plane = in + image[k] * sN + math::ps_input_channel(0, ph, pw, pooled_height, pooled_width) * sC;
       const int64_t plane_step = (math::ps_input_channel(1, ph, pw, pooled_height, pooled_width) -
@@ -121,18 +99,17 @@ void ps_roi_align_cpu(
           sC;
       std::fill(sums.begin(), sums.end(), acc_t(0));
       taps.clear();
-      for (const auto& ty : row_taps) {
-        for (const auto& tx : col_taps) {
-          taps.push_back(math::bilinear_taps(ty, tx, sH, sW));
-          if (taps.size() == kTapChunk) {
-            apply_chunk(taps, first_plane, plane_step, channels_out, sums.data());
-            taps.clear();
-          }
+      // Off-map samples contribute 0 to torchvision's sum; only the others are visited.
+      math::for_each_bin_sample(g, ph, pw, height, width, [&](const math::AxisTap<acc_t>& ty, const math::AxisTap<acc_t>& tx) {
+        taps.push_back(math::bilinear_taps(ty, tx, sH, sW));
+        if (taps.size() == kTapChunk) {
+          apply_chunk(taps, first_plane, plane_step, channels_out, sums.data());
+          taps.clear();
         }
-      }
+      });
       apply_chunk(taps, first_plane, plane_step, channels_out, sums.data());
       for (int64_t c = 0; c < channels_out; ++c) {
-        dst[c * bins] = static_cast<scalar_t>(sums[c] / g.count);
+        dst[c * bins] = static_cast<scalar_t>(math::average(sums[c], g.count));
       }
     }
   });

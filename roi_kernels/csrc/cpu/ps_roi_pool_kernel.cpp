@@ -47,7 +47,7 @@ void ps_roi_pool_cpu(
       if (!math::batch_index(b[0], num_images, n)) {
         continue;  // checked before the kernel; guarded here all the same
       }
-      boxes[k] = math::pool_box<acc_t>(b[1], b[2], b[3], b[4], static_cast<acc_t>(spatial_scale), /*extra=*/0);
+      boxes[k] = math::ps_roi_pool_box<acc_t>(b[1], b[2], b[3], b[4], static_cast<acc_t>(spatial_scale));
       // A NaN coordinate leaves nothing to pool: the box's bins are 0.
       image[k] = boxes[k].ok ? n : -1;
     }
@@ -62,17 +62,16 @@ void ps_roi_pool_cpu(
       int64_t y0 = 0, y1 = 0, x0 = 0, x1 = 0;
       if (image[k] >= 0) {
         const math::PoolBox& b = boxes[k];
-        // torchvision's ps_roi_pool clips bins to size - 1 (unlike roi_pool).
-        math::pool_bin<acc_t>(b.start_y, b.roi_h, pooled_height, ph, height - 1, y0, y1);
-        math::pool_bin<acc_t>(b.start_x, b.roi_w, pooled_width, pw, width - 1, x0, x1);
+        math::ps_roi_pool_bin<acc_t>(b.start_y, b.roi_h, pooled_height, ph, height, y0, y1);
+        math::ps_roi_pool_bin<acc_t>(b.start_x, b.roi_w, pooled_width, pw, width, x0, x1);
       }
-      if (y1 <= y0 || x1 <= x0) {
+      if (math::pool_bin_empty(y0, y1, x0, x1)) {
         for (int64_t c = 0; c < channels_out; ++c) {
           dst[c * bins] = scalar_t(0);
         }
         continue;
       }
-      const acc_t area = static_cast<acc_t>((y1 - y0) * (x1 - x0));
+      const acc_t area = math::pool_bin_area<acc_t>(y0, y1, x0, x1);
       for (int64_t c = 0; c < channels_out; ++c) {
         const scalar_t* plane =
             in + image[k] * sN + math::ps_input_channel(c, ph, pw, pooled_height, pooled_width) * sC;
@@ -82,7 +81,7 @@ void ps_roi_pool_cpu(
             s += static_cast<acc_t>(plane[y * sH + x * sW]);
           }
         }
-        dst[c * bins] = static_cast<scalar_t>(s / area);
+        dst[c * bins] = static_cast<scalar_t>(math::average(s, area));
       }
     }
   });

@@ -1,9 +1,9 @@
 // roi_align on the CPU: single map, ragged per-image maps, and FPN levels, avg and max pooling.
 //
 // Per box, the sample geometry is separable: the y taps of each bin row and the x taps of each
-// bin column (roi_math.h's sample_range / sample_coord / axis_tap) are computed once and
-// reused for every channel. The channel loop runs over packed tiles of kBlock channels
-// (cpu/tiled.h), so each of a sample's 4 taps is a contiguous vector of channels.
+// bin column (roi_math.h's for_each_axis_tap: sample_range / sample_coord / axis_tap) are
+// computed once and reused for every channel. The channel loop runs over packed tiles of
+// kBlock channels (cpu/tiled.h), so each of a sample's 4 taps is a contiguous vector of channels.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -26,34 +26,31 @@ using cpu::BoxSource;
 using cpu::Tile;
 using cpu::Window;
 
-// The valid taps of every bin along one axis: taps[begin[p] .. begin[p + 1]) belong to bin p.
+// The valid taps of every bin along one axis: taps[begin[p] .. begin[p + 1]) belong to bin p,
+// on_map[p] of them.
 template <typename acc_t>
 struct AxisPlan {
   std::vector<math::AxisTap<acc_t>> taps;
   std::vector<int64_t> begin;
+  std::vector<int64_t> on_map;
 
   // Fills the plan and returns the cells [lo, hi) the taps read.
   void build(acc_t start, acc_t bin, int64_t pooled, int64_t grid, int64_t size, int64_t& lo, int64_t& hi) {
     taps.clear();
     begin.assign(pooled + 1, 0);
+    on_map.assign(pooled, 0);
     lo = std::numeric_limits<int64_t>::max();
     hi = std::numeric_limits<int64_t>::min();
     for (int64_t p = 0; p < pooled; ++p) {
-      int64_t first = 0, last = 0;
-      math::sample_range(start, bin, p, grid, size, first, last);
-      for (int64_t i = first; i < last; ++i) {
-        math::AxisTap<acc_t> tap;
-        if (math::axis_tap(math::sample_coord(start, bin, p, i, grid), size, tap)) {
-          taps.push_back(tap);
-          lo = std::min(lo, tap.lo);
-          hi = std::max(hi, tap.hi + 1);
-        }
-      }
+      math::for_each_axis_tap(start, bin, p, grid, size, [&](int64_t, const math::AxisTap<acc_t>& tap) {
+        taps.push_back(tap);
+        lo = std::min(lo, tap.lo);
+        hi = std::max(hi, tap.hi + 1);
+      });
       begin[p + 1] = static_cast<int64_t>(taps.size());
+      // (the number of taps just added; counted by the function the CUDA kernel calls)
+      on_map[p] = math::axis_samples_on_map(start, bin, p, grid, size);
     }
-  }
-  int64_t count(int64_t p) const {
-    return begin[p + 1] - begin[p];
   }
 };
 
@@ -61,32 +58,8 @@ template <typename acc_t>
 struct AlignPlan {
   AxisPlan<acc_t> y, x;
   acc_t count = 1;
-  int64_t grid = 0;  // samples per bin: grid_h * grid_w (saturating)
+  int64_t samples = 0;  // samples per bin: grid_h * grid_w
 };
-
-// Which map and image a box reads, per the map set's selection rule. False: no valid image.
-template <typename acc_t>
-bool select_map(const MapSet& s, const acc_t* r, int64_t& map, int64_t& image) {
-  int64_t idx = 0;
-  if (!math::batch_index(r[0], s.num_images, idx)) {
-    return false;
-  }
-  switch (s.select) {
-    case MapSelect::kSingle:
-      map = 0;
-      image = idx;
-      break;
-    case MapSelect::kRagged:
-      map = idx;
-      image = 0;
-      break;
-    case MapSelect::kLevels:
-      map = math::fpn_level(r[1], r[2], r[3], r[4], s.canonical_scale, s.canonical_level, s.k_min, s.k_max);
-      image = idx;
-      break;
-  }
-  return map >= 0 && map < static_cast<int64_t>(s.maps.size());
-}
 
 template <int B, typename acc_t>
 inline void accumulate_avg(const Tile<acc_t>& tile, const AlignPlan<acc_t>& plan, int64_t ph, int64_t pw, acc_t* out) {
@@ -99,26 +72,24 @@ inline void accumulate_avg(const Tile<acc_t>& tile, const AlignPlan<acc_t>& plan
     const math::AxisTap<acc_t>& ty = plan.y.taps[a];
     for (int64_t b = plan.x.begin[pw]; b < plan.x.begin[pw + 1]; ++b) {
       const math::AxisTap<acc_t>& tx = plan.x.taps[b];
-      const acc_t w1 = ty.h * tx.h, w2 = ty.h * tx.l, w3 = ty.l * tx.h, w4 = ty.l * tx.l;
+      const math::BilinearWeights<acc_t> w = math::bilinear_weights(ty, tx);
       const acc_t* p1 = t + tile.at(ty.lo, tx.lo, B);
       const acc_t* p2 = t + tile.at(ty.lo, tx.hi, B);
       const acc_t* p3 = t + tile.at(ty.hi, tx.lo, B);
       const acc_t* p4 = t + tile.at(ty.hi, tx.hi, B);
       for (int j = 0; j < B; ++j) {
-        v[j] += w1 * p1[j] + w2 * p2[j] + w3 * p3[j] + w4 * p4[j];
+        v[j] += math::bilinear_combine(w, p1[j], p2[j], p3[j], p4[j]);
       }
     }
   }
   for (int j = 0; j < B; ++j) {
-    out[j] = v[j] / plan.count;
+    out[j] = math::average(v[j], plan.count);
   }
 }
 
 template <int B, typename acc_t>
 inline void accumulate_max(const Tile<acc_t>& tile, const AlignPlan<acc_t>& plan, int64_t ph, int64_t pw, acc_t* out) {
-  const int64_t valid = plan.y.count(ph) * plan.x.count(pw);
-  // Off-map samples are worth 0 and take part in the max; a bin with no samples gives 0.
-  const acc_t init = (plan.grid == 0 || valid < plan.grid) ? acc_t(0) : -std::numeric_limits<acc_t>::infinity();
+  const acc_t init = math::align_max_init<acc_t>(plan.samples, plan.y.on_map[ph] * plan.x.on_map[pw]);
   acc_t v[B];
   for (int j = 0; j < B; ++j) {
     v[j] = init;
@@ -128,14 +99,13 @@ inline void accumulate_max(const Tile<acc_t>& tile, const AlignPlan<acc_t>& plan
     const math::AxisTap<acc_t>& ty = plan.y.taps[a];
     for (int64_t b = plan.x.begin[pw]; b < plan.x.begin[pw + 1]; ++b) {
       const math::AxisTap<acc_t>& tx = plan.x.taps[b];
-      const acc_t w1 = ty.h * tx.h, w2 = ty.h * tx.l, w3 = ty.l * tx.h, w4 = ty.l * tx.l;
+      const math::BilinearWeights<acc_t> w = math::bilinear_weights(ty, tx);
       const acc_t* p1 = t + tile.at(ty.lo, tx.lo, B);
       const acc_t* p2 = t + tile.at(ty.lo, tx.hi, B);
       const acc_t* p3 = t + tile.at(ty.hi, tx.lo, B);
       const acc_t* p4 = t + tile.at(ty.hi, tx.hi, B);
       for (int j = 0; j < B; ++j) {
-        const acc_t s = w1 * p1[j] + w2 * p2[j] + w3 * p3[j] + w4 * p4[j];
-        v[j] = s > v[j] ? s : v[j];
+        v[j] = math::max_update(v[j], math::bilinear_combine(w, p1[j], p2[j], p3[j], p4[j]));
       }
     }
   }
@@ -156,6 +126,7 @@ void roi_align_cpu(
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t num_boxes = s.rois.size(0);
   const acc_t* rois = s.rois.const_data_ptr<acc_t>();
+  const math::MapSelection selection = s.selection();
 
   std::vector<AlignPlan<acc_t>> plans(num_boxes);
   std::vector<BoxSource> sources(num_boxes);
@@ -164,7 +135,7 @@ void roi_align_cpu(
       const acc_t* r = rois + k * 5;
       BoxSource& src = sources[k];
       int64_t map = 0, image = 0;
-      if (!select_map(s, r, map, image)) {
+      if (!math::select_map(selection, r, map, image)) {
         src.map = -1;
         continue;
       }
@@ -175,9 +146,7 @@ void roi_align_cpu(
           sampling_ratio);
       AlignPlan<acc_t>& plan = plans[k];
       plan.count = g.count;
-      plan.grid = (g.grid_h > 0 && g.grid_w > 0) ? std::min<int64_t>(g.grid_h, math::kMaxGrid) *
-              std::min<int64_t>(g.grid_w, math::kMaxGrid)
-                                                 : 0;
+      plan.samples = g.samples;
       Window& w = src.window;
       plan.y.build(g.start_y, g.bin_h, pooled_height, g.grid_h, height, w.y0, w.y1);
       plan.x.build(g.start_x, g.bin_w, pooled_width, g.grid_w, width, w.x0, w.x1);

@@ -4,7 +4,7 @@
 // the same points, so an item computes the bin's taps once, in chunks, and applies each chunk
 // to all channels; the per-box geometry (centre, rotation, grid) is computed once, before the
 // items. Only the samples that math::rotated_scan says can land on the map are visited, which
-// bounds the work of huge boxes (see ps_rotated_math.h). Each channel's sum runs over the
+// bounds the work of huge boxes (see roi_math.h). Each channel's sum runs over the
 // samples in row-then-column order, the order of the CUDA kernel and of detectron2.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -16,7 +16,6 @@
 #include <vector>
 
 #include "../checks.h"
-#include "../ps_rotated_math.h"
 #include "../roi_math.h"
 
 namespace roi_kernels {
@@ -99,32 +98,16 @@ void roi_align_rotated_cpu(
       const scalar_t* first_plane = in + image[k] * sN;
       std::fill(sums.begin(), sums.end(), acc_t(0));
       taps.clear();
-      const math::RotatedScan scan = math::rotated_scan(g, ph, pw, height, width);
-      for (int64_t iy = scan.row_lo; iy < scan.row_hi; ++iy) {
-        int64_t lo = 0, hi = 0;
-        math::rotated_scan_cols(scan, iy, lo, hi);
-        if (lo >= hi) {
-          continue;
+      math::for_each_rotated_sample(g, ph, pw, height, width, sH, sW, [&](const math::BilinearTaps<acc_t>& t) {
+        taps.push_back(t);
+        if (taps.size() == kTapChunk) {
+          apply_chunk(taps, first_plane, sC, channels, sums.data());
+          taps.clear();
         }
-        const acc_t yy = math::sample_coord(g.start_y, g.bin_h, ph, iy, g.grid_h);
-        for (int64_t ix = lo; ix < hi; ++ix) {
-          const acc_t xx = math::sample_coord(g.start_x, g.bin_w, pw, ix, g.grid_w);
-          acc_t y, x;
-          math::rotate_sample(g, yy, xx, y, x);
-          math::AxisTap<acc_t> ty, tx;
-          if (!math::axis_tap(y, height, ty) || !math::axis_tap(x, width, tx)) {
-            continue;  // contributes 0
-          }
-          taps.push_back(math::bilinear_taps(ty, tx, sH, sW));
-          if (taps.size() == kTapChunk) {
-            apply_chunk(taps, first_plane, sC, channels, sums.data());
-            taps.clear();
-          }
-        }
-      }
+      });
       apply_chunk(taps, first_plane, sC, channels, sums.data());
       for (int64_t c = 0; c < channels; ++c) {
-        dst[c * bins] = static_cast<scalar_t>(sums[c] / g.count);
+        dst[c * bins] = static_cast<scalar_t>(math::average(sums[c], g.count));
       }
     }
   });

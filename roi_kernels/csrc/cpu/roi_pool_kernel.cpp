@@ -1,5 +1,5 @@
 // roi_pool (Fast R-CNN) on the CPU: per box, each bin's snapped rows and columns
-// (roi_math.h's pool_box / pool_bin) are computed once; the max runs over packed tiles of
+// (roi_math.h's roi_pool_box / roi_pool_bin) are computed once; the max runs over packed tiles of
 // kBlock channels (cpu/tiled.h), so each cell visited is a contiguous vector of channels.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -7,7 +7,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cfloat>
 #include <vector>
 
 #include "../checks.h"
@@ -52,7 +51,7 @@ void roi_pool_cpu(
         src.map = -1;
         continue;
       }
-      const math::PoolBox box = math::pool_box<acc_t>(r[1], r[2], r[3], r[4], static_cast<acc_t>(spatial_scale), 1);
+      const math::PoolBox box = math::roi_pool_box<acc_t>(r[1], r[2], r[3], r[4], static_cast<acc_t>(spatial_scale));
       PoolPlan& plan = plans[k];
       plan.ok = box.ok;
       plan.ys.resize(pooled_height);
@@ -61,10 +60,10 @@ void roi_pool_cpu(
       plan.xe.resize(pooled_width);
       Window w;
       for (int64_t ph = 0; ph < pooled_height; ++ph) {
-        math::pool_bin<acc_t>(box.start_y, box.roi_h, pooled_height, ph, height, plan.ys[ph], plan.ye[ph]);
+        math::roi_pool_bin<acc_t>(box.start_y, box.roi_h, pooled_height, ph, height, plan.ys[ph], plan.ye[ph]);
       }
       for (int64_t pw = 0; pw < pooled_width; ++pw) {
-        math::pool_bin<acc_t>(box.start_x, box.roi_w, pooled_width, pw, width, plan.xs[pw], plan.xe[pw]);
+        math::roi_pool_bin<acc_t>(box.start_x, box.roi_w, pooled_width, pw, width, plan.xs[pw], plan.xe[pw]);
       }
       if (box.ok) {
         // Bins are monotone along each axis, so the first and last bins bound the window.
@@ -86,13 +85,10 @@ void roi_pool_cpu(
         for (int64_t ph = 0; ph < pooled_height; ++ph) {
           for (int64_t pw = 0; pw < pooled_width; ++pw) {
             acc_t* o = acc + (ph * pooled_width + pw) * B;
-            const bool empty =
-                !plan.ok || plan.ye[ph] <= plan.ys[ph] || plan.xe[pw] <= plan.xs[pw];
-            // As torchvision: start from -FLT_MAX and keep a cell only if it is greater,
-            // so NaN cells never win; an empty bin is 0.
+            const bool empty = !plan.ok || math::pool_bin_empty(plan.ys[ph], plan.ye[ph], plan.xs[pw], plan.xe[pw]);
             acc_t v[B];
             for (int j = 0; j < B; ++j) {
-              v[j] = empty ? acc_t(0) : static_cast<acc_t>(-FLT_MAX);
+              v[j] = empty ? acc_t(0) : math::pool_max_init<acc_t>();
             }
             if (!empty) {
               const int64_t cols = plan.xe[pw] - plan.xs[pw];
@@ -101,7 +97,7 @@ void roi_pool_cpu(
                 for (int64_t x = 0; x < cols; ++x) {
                   const acc_t* c = row + x * B;
                   for (int j = 0; j < B; ++j) {
-                    v[j] = c[j] > v[j] ? c[j] : v[j];
+                    v[j] = math::max_update(v[j], c[j]);
                   }
                 }
               }

@@ -3,9 +3,9 @@
 // Each thread redoes its box's geometry (a handful of flops) rather than staging it: every
 // output of a ps bin reads a different input channel, so there is little to share. The input
 // is read in place with its own strides (NCHW, channels_last or any other layout). The
-// per-sample arithmetic is roi_math.h's and ps_rotated_math.h's, the functions the CPU kernel
-// calls, in the same order, and the build disables fused multiply-adds, so the GPU rounds as
-// the CPU does.
+// per-sample arithmetic is roi_math.h's (ps_align_geometry, for_each_bin_sample,
+// bilinear_taps, apply_taps), the functions the CPU kernel calls, summed in the same order,
+// and the build disables fused multiply-adds, so the GPU rounds as the CPU does.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -15,7 +15,6 @@
 #include <torch/library.h>
 
 #include "../checks.h"
-#include "../ps_rotated_math.h"
 #include "../roi_math.h"
 #include "cuda_common.cuh"
 
@@ -50,29 +49,17 @@ __global__ void ps_roi_align_kernel(
       out[index] = scalar_t(0);  // checked on the host; guarded here all the same
       continue;
     }
-    // torchvision's ps_roi_align always shifts by half a pixel and has no minimum size.
-    const math::AlignGeometry<acc_t> g = math::align_geometry<acc_t>(
-        b[1], b[2], b[3], b[4], spatial_scale, /*aligned=*/true, pooled_height, pooled_width, sampling_ratio);
+    const math::AlignGeometry<acc_t> g = math::ps_align_geometry<acc_t>(
+        b[1], b[2], b[3], b[4], spatial_scale, pooled_height, pooled_width, sampling_ratio);
     const scalar_t* plane =
         input + n * map.sN + math::ps_input_channel(c, ph, pw, pooled_height, pooled_width) * map.sC;
-    int64_t y_lo = 0, y_hi = 0, x_lo = 0, x_hi = 0;
-    math::sample_range(g.start_y, g.bin_h, ph, g.grid_h, map.height, y_lo, y_hi);
-    math::sample_range(g.start_x, g.bin_w, pw, g.grid_w, map.width, x_lo, x_hi);
+    const int64_t sH = map.sH, sW = map.sW;
     acc_t sum = 0;
-    for (int64_t iy = y_lo; iy < y_hi; ++iy) {
-      math::AxisTap<acc_t> ty;
-      if (!math::axis_tap(math::sample_coord(g.start_y, g.bin_h, ph, iy, g.grid_h), map.height, ty)) {
-        continue;
-      }
-      for (int64_t ix = x_lo; ix < x_hi; ++ix) {
-        math::AxisTap<acc_t> tx;
-        if (!math::axis_tap(math::sample_coord(g.start_x, g.bin_w, pw, ix, g.grid_w), map.width, tx)) {
-          continue;
-        }
-        sum += math::apply_taps<acc_t>(plane, math::bilinear_taps(ty, tx, map.sH, map.sW));
-      }
-    }
-    out[index] = static_cast<scalar_t>(sum / g.count);
+    math::for_each_bin_sample(
+        g, ph, pw, map.height, map.width, [&](const math::AxisTap<acc_t>& ty, const math::AxisTap<acc_t>& tx) {
+          sum += math::apply_taps<acc_t>(plane, math::bilinear_taps(ty, tx, sH, sW));
+        });
+    out[index] = static_cast<scalar_t>(math::average(sum, g.count));
   }
 }
 

@@ -1,8 +1,9 @@
 // ps_roi_pool (R-FCN) on CUDA: one thread per output element in a 64-bit grid-stride loop.
 //
-// The input is read in place with its own strides. The box snapping and bin clipping are
-// roi_math.h's pool_box / pool_bin, the functions the CPU kernel calls, and cells are summed
-// in the same order, so the GPU rounds as the CPU does.
+// The input is read in place with its own strides. The box snapping, bin clipping and
+// average are roi_math.h's ps_roi_pool_box / ps_roi_pool_bin / pool_bin_area, the functions
+// the CPU kernel calls, and cells are summed in the same order, so the GPU rounds as the CPU
+// does.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -45,14 +46,13 @@ __global__ void ps_roi_pool_kernel(
       out[index] = scalar_t(0);  // checked on the host; guarded here all the same
       continue;
     }
-    const math::PoolBox box = math::pool_box<acc_t>(b[1], b[2], b[3], b[4], spatial_scale, /*extra=*/0);
+    const math::PoolBox box = math::ps_roi_pool_box<acc_t>(b[1], b[2], b[3], b[4], spatial_scale);
     int64_t y0 = 0, y1 = 0, x0 = 0, x1 = 0;
     if (box.ok) {
-      // torchvision's ps_roi_pool clips bins to size - 1 (unlike roi_pool).
-      math::pool_bin<acc_t>(box.start_y, box.roi_h, pooled_height, ph, map.height - 1, y0, y1);
-      math::pool_bin<acc_t>(box.start_x, box.roi_w, pooled_width, pw, map.width - 1, x0, x1);
+      math::ps_roi_pool_bin<acc_t>(box.start_y, box.roi_h, pooled_height, ph, map.height, y0, y1);
+      math::ps_roi_pool_bin<acc_t>(box.start_x, box.roi_w, pooled_width, pw, map.width, x0, x1);
     }
-    if (y1 <= y0 || x1 <= x0) {
+    if (math::pool_bin_empty(y0, y1, x0, x1)) {
       out[index] = scalar_t(0);
       continue;
     }
@@ -64,7 +64,7 @@ __global__ void ps_roi_pool_kernel(
         sum += static_cast<acc_t>(plane[y * map.sH + x * map.sW]);
       }
     }
-    out[index] = static_cast<scalar_t>(sum / static_cast<acc_t>((y1 - y0) * (x1 - x0)));
+    out[index] = static_cast<scalar_t>(math::average(sum, math::pool_bin_area<acc_t>(y0, y1, x0, x1)));
   }
 }
 

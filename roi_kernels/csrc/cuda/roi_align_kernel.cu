@@ -3,12 +3,12 @@
 //
 // Design (why it should beat one-thread-per-output kernels that redo the box geometry):
 //  * A block takes one job = (box, chunk of channels). Thread 0 picks the box's map and image
-//    (roi_math.h's batch_index / fpn_level) and its geometry (align_geometry) once; the block
-//    then fills a table of the box's bilinear taps per axis in shared memory: for each bin row
-//    ph and sample iy, the y tap (row offsets and weights) from sample_range / sample_coord /
-//    axis_tap, and likewise for x. The geometry is separable, so PH*gh + PW*gw taps serve all
-//    PH*PW*gh*gw samples of every channel of the chunk; per sample a thread only reads two taps
-//    from shared memory, issues 4 loads and does the weighted sum.
+//    (roi_math.h's select_map) and its geometry (align_geometry) once; the block then fills a
+//    table of the box's bilinear taps per axis in shared memory: for each bin row ph and
+//    sample iy, the y tap (row offsets and weights) from for_each_axis_tap, and likewise for
+//    x. The geometry is separable, so PH*gh + PW*gw taps serve all PH*PW*gh*gw samples of
+//    every channel of the chunk; per sample a thread only reads two taps from shared memory,
+//    issues 4 loads and does the weighted sum (bilinear_taps / apply_taps, as on the CPU).
 //  * NCHW (or any layout whose channels are not innermost): consecutive threads take
 //    consecutive bins (pw fastest) of one channel, so output stores are contiguous and the
 //    taps of neighbouring bins fall in the same rows (shared cache lines). A chunk holds about
@@ -72,20 +72,11 @@ struct MapTable {
   int64_t num;
 };
 
-struct Selection {
-  int select;  // MapSelect
-  int64_t num_images;
-  int64_t k_min, k_max;
-  int64_t canonical_scale, canonical_level;
-};
-
-// A tap of one axis with its offsets pre-multiplied by the axis stride. off_lo < 0 marks a
-// sample that is off the map (or outside sample_range) and contributes 0.
+// A tap of one axis (math::AxisTap) whose lo and hi are element offsets (index * the axis
+// stride), so that math::bilinear_taps(ty, tx, 1, 1) gives a sample's offsets into the plane.
+// lo < 0 marks a sample that is off the map and contributes 0.
 template <typename acc_t>
-struct SharedTap {
-  int64_t off_lo, off_hi;
-  acc_t h, l;
-};
+using SharedTap = math::AxisTap<acc_t>;
 
 enum BoxState : int { kEmpty = 0, kSharedTaps = 1, kComputedTaps = 2 };
 
@@ -94,9 +85,7 @@ struct BoxPlan {
   const scalar_t* base;  // the box's image in its map
   int64_t height, width;
   int64_t stride_c, stride_h, stride_w;
-  acc_t start_y, start_x, bin_h, bin_w, count;
-  int64_t grid_h, grid_w;
-  int64_t grid;  // grid_h * grid_w, 0 when either is 0
+  math::AlignGeometry<acc_t> g;
   int state;
 };
 
@@ -112,40 +101,8 @@ __device__ __forceinline__ void split(int64_t t, int64_t d, int64_t& q, int64_t&
   }
 }
 
-template <typename acc_t, typename scalar_t>
-__device__ __forceinline__ acc_t load(const scalar_t* p, int64_t off) {
-  return static_cast<acc_t>(p[off]);
-}
-
-// The bilinear value of one sample, in the order of the CPU kernel and of torchvision.
-template <typename acc_t, typename scalar_t>
-__device__ __forceinline__ acc_t sample_value(
-    const scalar_t* plane,
-    int64_t y_lo,
-    int64_t y_hi,
-    acc_t yh,
-    acc_t yl,
-    int64_t x_lo,
-    int64_t x_hi,
-    acc_t xh,
-    acc_t xl) {
-  const acc_t v1 = load<acc_t>(plane, y_lo + x_lo);
-  const acc_t v2 = load<acc_t>(plane, y_lo + x_hi);
-  const acc_t v3 = load<acc_t>(plane, y_hi + x_lo);
-  const acc_t v4 = load<acc_t>(plane, y_hi + x_hi);
-  const acc_t w1 = yh * xh, w2 = yh * xl, w3 = yl * xh, w4 = yl * xl;
-  return w1 * v1 + w2 * v2 + w3 * v3 + w4 * v4;
-}
-
-// Start of a max-pooled bin: off-map samples are worth 0 and take part in the max; a bin with
-// no samples gives 0. NaN samples never win (the comparison is false), as on the CPU.
-template <typename acc_t>
-__device__ __forceinline__ acc_t max_init(int64_t grid, int64_t valid) {
-  return (grid == 0 || valid < grid) ? acc_t(0) : static_cast<acc_t>(-INFINITY);
-}
-
 // One bin from the shared tap table: ys = the gh y taps of row ph, xs = the gw x taps of
-// column pw.
+// column pw. Sums (or maxes) the samples in the CPU kernel's order, rows then columns.
 template <bool kMax, typename acc_t, typename scalar_t>
 __device__ __forceinline__ acc_t bin_from_table(
     const scalar_t* plane,
@@ -153,143 +110,98 @@ __device__ __forceinline__ acc_t bin_from_table(
     const SharedTap<acc_t>* xs,
     int64_t gh,
     int64_t gw,
-    int64_t grid,
+    int64_t samples,
     acc_t count) {
   acc_t v;
   if (kMax) {
     int64_t vy = 0, vx = 0;
     for (int64_t i = 0; i < gh; ++i) {
-      vy += ys[i].off_lo >= 0;
+      vy += ys[i].lo >= 0;
     }
     for (int64_t i = 0; i < gw; ++i) {
-      vx += xs[i].off_lo >= 0;
+      vx += xs[i].lo >= 0;
     }
-    v = max_init<acc_t>(grid, vy * vx);
+    v = math::align_max_init<acc_t>(samples, vy * vx);
   } else {
     v = acc_t(0);
   }
   for (int64_t a = 0; a < gh; ++a) {
     const SharedTap<acc_t> ty = ys[a];
-    if (ty.off_lo < 0) {
+    if (ty.lo < 0) {
       continue;
     }
     for (int64_t b = 0; b < gw; ++b) {
       const SharedTap<acc_t> tx = xs[b];
-      if (tx.off_lo < 0) {
+      if (tx.lo < 0) {
         continue;
       }
-      const acc_t s =
-          sample_value<acc_t>(plane, ty.off_lo, ty.off_hi, ty.h, ty.l, tx.off_lo, tx.off_hi, tx.h, tx.l);
-      if (kMax) {
-        v = s > v ? s : v;
-      } else {
-        v += s;
-      }
+      const acc_t s = math::apply_taps<acc_t>(plane, math::bilinear_taps(ty, tx, 1, 1));
+      v = kMax ? math::max_update(v, s) : v + s;
     }
   }
-  return kMax ? v : v / count;
-}
-
-// Number of samples of bin p (of [lo, hi)) that land on the map.
-template <typename acc_t>
-__device__ int64_t count_on_map(acc_t start, acc_t bin, int64_t p, int64_t g, int64_t size, int64_t lo, int64_t hi) {
-  int64_t n = 0;
-  math::AxisTap<acc_t> t;
-  for (int64_t i = lo; i < hi; ++i) {
-    n += math::axis_tap(math::sample_coord(start, bin, p, i, g), size, t);
-  }
-  return n;
+  return kMax ? v : math::average(v, count);
 }
 
 // One bin with every tap computed in the thread (boxes whose table does not fit).
 template <bool kMax, typename scalar_t, typename acc_t>
 __device__ acc_t bin_computed(const BoxPlan<scalar_t, acc_t>& b, const scalar_t* plane, int64_t ph, int64_t pw) {
-  int64_t ylo = 0, yhi = 0, xlo = 0, xhi = 0;
-  math::sample_range(b.start_y, b.bin_h, ph, b.grid_h, b.height, ylo, yhi);
-  math::sample_range(b.start_x, b.bin_w, pw, b.grid_w, b.width, xlo, xhi);
-  acc_t v;
+  const math::AlignGeometry<acc_t>& g = b.g;
+  acc_t v = acc_t(0);
   if (kMax) {
-    const int64_t vy = count_on_map(b.start_y, b.bin_h, ph, b.grid_h, b.height, ylo, yhi);
-    const int64_t vx = count_on_map(b.start_x, b.bin_w, pw, b.grid_w, b.width, xlo, xhi);
-    v = max_init<acc_t>(b.grid, vy * vx);
-  } else {
-    v = acc_t(0);
+    v = math::align_max_init<acc_t>(
+        g.samples,
+        math::axis_samples_on_map(g.start_y, g.bin_h, ph, g.grid_h, b.height) *
+            math::axis_samples_on_map(g.start_x, g.bin_w, pw, g.grid_w, b.width));
   }
-  for (int64_t iy = ylo; iy < yhi; ++iy) {
-    math::AxisTap<acc_t> ty;
-    if (!math::axis_tap(math::sample_coord(b.start_y, b.bin_h, ph, iy, b.grid_h), b.height, ty)) {
-      continue;
-    }
-    const int64_t y_lo = ty.lo * b.stride_h, y_hi = ty.hi * b.stride_h;
-    for (int64_t ix = xlo; ix < xhi; ++ix) {
-      math::AxisTap<acc_t> tx;
-      if (!math::axis_tap(math::sample_coord(b.start_x, b.bin_w, pw, ix, b.grid_w), b.width, tx)) {
-        continue;
-      }
-      const acc_t s = sample_value<acc_t>(
-          plane, y_lo, y_hi, ty.h, ty.l, tx.lo * b.stride_w, tx.hi * b.stride_w, tx.h, tx.l);
-      if (kMax) {
-        v = s > v ? s : v;
-      } else {
-        v += s;
-      }
-    }
-  }
-  return kMax ? v : v / b.count;
+  const int64_t stride_h = b.stride_h, stride_w = b.stride_w;
+  math::for_each_bin_sample(g, ph, pw, b.height, b.width, [&](const math::AxisTap<acc_t>& ty, const math::AxisTap<acc_t>& tx) {
+    const acc_t s = math::apply_taps<acc_t>(plane, math::bilinear_taps(ty, tx, stride_h, stride_w));
+    v = kMax ? math::max_update(v, s) : v + s;
+  });
+  return kMax ? v : math::average(v, g.count);
 }
 
-// Tap i of bin p along one axis, into the shared table.
+// The g taps of bin p along one axis, into the shared table (offsets scaled by the axis
+// stride; lo = -1 for a sample that is off the map), as for_each_axis_tap gives them to the
+// CPU kernel.
 template <typename acc_t>
-__device__ __forceinline__ void fill_tap(
-    SharedTap<acc_t>& out,
+__device__ __forceinline__ void fill_taps(
+    SharedTap<acc_t>* out,
     acc_t start,
     acc_t bin,
     int64_t p,
-    int64_t i,
     int64_t g,
     int64_t size,
     int64_t stride) {
-  int64_t lo = 0, hi = 0;
-  math::sample_range(start, bin, p, g, size, lo, hi);
-  math::AxisTap<acc_t> t;
-  if (i >= lo && i < hi && math::axis_tap(math::sample_coord(start, bin, p, i, g), size, t)) {
-    out.off_lo = t.lo * stride;
-    out.off_hi = t.hi * stride;
-    out.h = t.h;
-    out.l = t.l;
-  } else {
-    out.off_lo = -1;
-    out.off_hi = -1;
-    out.h = acc_t(0);
-    out.l = acc_t(0);
+  for (int64_t i = 0; i < g; ++i) {
+    out[i].lo = -1;
+    out[i].hi = -1;
+    out[i].h = acc_t(0);
+    out[i].l = acc_t(0);
   }
+  math::for_each_axis_tap(start, bin, p, g, size, [&](int64_t i, const math::AxisTap<acc_t>& t) {
+    out[i].lo = t.lo * stride;
+    out[i].hi = t.hi * stride;
+    out[i].h = t.h;
+    out[i].l = t.l;
+  });
 }
 
 template <typename scalar_t, typename acc_t>
 __device__ void make_plan(
     BoxPlan<scalar_t, acc_t>& plan,
     const MapTable& maps,
-    const Selection& sel,
+    const math::MapSelection& sel,
     const acc_t* r,
     int64_t pooled_height,
     int64_t pooled_width,
     int64_t sampling_ratio,
     bool aligned) {
   plan.state = kEmpty;
-  int64_t idx = 0;
-  // The host has range-checked the indices; this guard only keeps bad input from reading
-  // out of bounds (the box then pools to zeros).
-  if (!math::batch_index(r[0], sel.num_images, idx)) {
-    return;
-  }
-  int64_t map = 0, image = idx;
-  if (sel.select == static_cast<int>(MapSelect::kRagged)) {
-    map = idx;
-    image = 0;
-  } else if (sel.select == static_cast<int>(MapSelect::kLevels)) {
-    map = math::fpn_level(r[1], r[2], r[3], r[4], sel.canonical_scale, sel.canonical_level, sel.k_min, sel.k_max);
-  }
-  if (map < 0 || map >= maps.num) {
+  int64_t map = 0, image = 0;
+  // The host has range-checked the indices; select_map checks them again so that bad input
+  // can never read out of bounds (the box then pools to zeros).
+  if (!math::select_map(sel, r, map, image)) {
     return;
   }
   const MapDesc d = maps.num <= kInlineMaps ? maps.inline_maps[map] : maps.global[map];
@@ -301,14 +213,7 @@ __device__ void make_plan(
   plan.stride_c = d.stride_c;
   plan.stride_h = d.stride_h;
   plan.stride_w = d.stride_w;
-  plan.start_y = g.start_y;
-  plan.start_x = g.start_x;
-  plan.bin_h = g.bin_h;
-  plan.bin_w = g.bin_w;
-  plan.count = g.count;
-  plan.grid_h = g.grid_h;
-  plan.grid_w = g.grid_w;
-  plan.grid = (g.grid_h > 0 && g.grid_w > 0) ? g.grid_h * g.grid_w : 0;
+  plan.g = g;
   // Divisions, not products: pooled sizes and grids are user-controlled and may overflow.
   const bool fits = g.grid_h <= kTapCapacity / pooled_height && g.grid_w <= kTapCapacity / pooled_width;
   plan.state = fits ? kSharedTaps : kComputedTaps;
@@ -317,7 +222,7 @@ __device__ void make_plan(
 template <typename scalar_t, bool kMax, bool kChannelsLast>
 __global__ void __launch_bounds__(cuda::kThreads) roi_align_kernel(
     const __grid_constant__ MapTable maps,
-    const Selection sel,
+    const math::MapSelection sel,
     const at::opmath_type<scalar_t>* __restrict__ rois,
     int64_t num_boxes,
     int64_t channels,
@@ -356,25 +261,23 @@ __global__ void __launch_bounds__(cuda::kThreads) roi_align_kernel(
       }
       continue;
     }
-    const int64_t gh = plan.grid_h, gw = plan.grid_w;
+    const int64_t gh = plan.g.grid_h, gw = plan.g.grid_w;
     if (state == kSharedTaps) {
-      const int64_t ny = pooled_height * gh, nx = pooled_width * gw;
-      for (int64_t t = threadIdx.x; t < ny + nx; t += blockDim.x) {
-        int64_t p = 0, i = 0;
-        if (t < ny) {
-          split(t, gh, p, i);
-          fill_tap(y_taps[t], plan.start_y, plan.bin_h, p, i, gh, plan.height, plan.stride_h);
+      // One thread per bin row and per bin column.
+      for (int64_t t = threadIdx.x; t < pooled_height + pooled_width; t += blockDim.x) {
+        if (t < pooled_height) {
+          fill_taps(y_taps + t * gh, plan.g.start_y, plan.g.bin_h, t, gh, plan.height, plan.stride_h);
         } else {
-          split(t - ny, gw, p, i);
-          fill_tap(x_taps[t - ny], plan.start_x, plan.bin_w, p, i, gw, plan.width, plan.stride_w);
+          const int64_t p = t - pooled_height;
+          fill_taps(x_taps + p * gw, plan.g.start_x, plan.g.bin_w, p, gw, plan.width, plan.stride_w);
         }
       }
       __syncthreads();
     }
     // Only what the table path needs goes to registers; the computed path reads the shared plan.
     const scalar_t* base = plan.base + c0 * plan.stride_c;
-    const int64_t stride_c = plan.stride_c, grid = plan.grid;
-    const acc_t count = plan.count;
+    const int64_t stride_c = plan.stride_c, samples = plan.g.samples;
+    const acc_t count = plan.g.count;
 
     if (!kChannelsLast) {
       for (int64_t t = threadIdx.x; t < cn * bins; t += blockDim.x) {
@@ -383,7 +286,7 @@ __global__ void __launch_bounds__(cuda::kThreads) roi_align_kernel(
         split(bin, pooled_width, ph, pw);
         const scalar_t* p = base + c * stride_c;
         const acc_t v = state == kSharedTaps
-            ? bin_from_table<kMax>(p, y_taps + ph * gh, x_taps + pw * gw, gh, gw, grid, count)
+            ? bin_from_table<kMax>(p, y_taps + ph * gh, x_taps + pw * gw, gh, gw, samples, count)
             : bin_computed<kMax>(plan, p, ph, pw);
         o[t] = static_cast<scalar_t>(v);
       }
@@ -399,7 +302,7 @@ __global__ void __launch_bounds__(cuda::kThreads) roi_align_kernel(
             int64_t ph = 0, pw = 0;
             split(b0 + j, pooled_width, ph, pw);
             tile[lane * (kTileBins + 1) + j] = state == kSharedTaps
-                ? bin_from_table<kMax>(p, y_taps + ph * gh, x_taps + pw * gw, gh, gw, grid, count)
+                ? bin_from_table<kMax>(p, y_taps + ph * gh, x_taps + pw * gw, gh, gw, samples, count)
                 : bin_computed<kMax>(plan, p, ph, pw);
           }
         }
@@ -451,7 +354,7 @@ template <typename scalar_t, bool kMax, bool kChannelsLast>
 void launch(
     const MapSet& s,
     const MapTable& table,
-    const Selection& sel,
+    const math::MapSelection& sel,
     int64_t pooled_height,
     int64_t pooled_width,
     int64_t sampling_ratio,
@@ -498,7 +401,7 @@ at::Tensor run(
     return out;
   }
   const DeviceMaps maps = describe_maps(s);
-  const Selection sel{static_cast<int>(s.select), s.num_images, s.k_min, s.k_max, s.canonical_scale, s.canonical_level};
+  const math::MapSelection sel = s.selection();
   // The thread mapping follows the first map's layout; every map is read with its own strides,
   // so a set that mixes layouts is still read correctly.
   const bool channels_last = s.channels > 1 && s.first().stride(1) == 1;

@@ -1,8 +1,8 @@
 // roi_align_rotated on CUDA: one thread per output element in a 64-bit grid-stride loop.
 //
 // Each thread visits only the samples of its bin that math::rotated_scan says can land on the
-// map (the bound on the work of huge boxes, see ps_rotated_math.h), in row-then-column order,
-// with the per-sample functions the CPU kernel calls; the build disables fused multiply-adds,
+// map (the bound on the work of huge boxes, see roi_math.h), in row-then-column order, with
+// math::for_each_rotated_sample, the loop the CPU kernel runs; the build disables fused multiply-adds,
 // so the GPU rounds as the CPU does. The input is read in place with its own strides.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -13,7 +13,6 @@
 #include <torch/library.h>
 
 #include "../checks.h"
-#include "../ps_rotated_math.h"
 #include "../roi_math.h"
 #include "cuda_common.cuh"
 
@@ -51,27 +50,12 @@ __global__ void roi_align_rotated_kernel(
     const math::RotatedGeometry<acc_t> g = math::rotated_geometry<acc_t>(
         b[1], b[2], b[3], b[4], b[5], spatial_scale, aligned, pooled_height, pooled_width, sampling_ratio);
     const scalar_t* plane = input + n * map.sN + c * map.sC;
-    const math::RotatedScan scan = math::rotated_scan(g, ph, pw, map.height, map.width);
     acc_t sum = 0;
-    for (int64_t iy = scan.row_lo; iy < scan.row_hi; ++iy) {
-      int64_t lo = 0, hi = 0;
-      math::rotated_scan_cols(scan, iy, lo, hi);
-      if (lo >= hi) {
-        continue;
-      }
-      const acc_t yy = math::sample_coord(g.start_y, g.bin_h, ph, iy, g.grid_h);
-      for (int64_t ix = lo; ix < hi; ++ix) {
-        const acc_t xx = math::sample_coord(g.start_x, g.bin_w, pw, ix, g.grid_w);
-        acc_t y, x;
-        math::rotate_sample(g, yy, xx, y, x);
-        math::AxisTap<acc_t> ty, tx;
-        if (!math::axis_tap(y, map.height, ty) || !math::axis_tap(x, map.width, tx)) {
-          continue;  // contributes 0
-        }
-        sum += math::apply_taps<acc_t>(plane, math::bilinear_taps(ty, tx, map.sH, map.sW));
-      }
-    }
-    out[index] = static_cast<scalar_t>(sum / g.count);
+    math::for_each_rotated_sample(
+        g, ph, pw, map.height, map.width, map.sH, map.sW, [&](const math::BilinearTaps<acc_t>& t) {
+          sum += math::apply_taps<acc_t>(plane, t);
+        });
+    out[index] = static_cast<scalar_t>(math::average(sum, g.count));
   }
 }
 

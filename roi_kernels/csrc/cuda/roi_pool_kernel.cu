@@ -2,17 +2,19 @@
 //
 // Design, as the CUDA roi_align (roi_align_kernel.cu):
 //  * A block takes one job = (box, chunk of channels). Thread 0 snaps the box once
-//    (roi_math.h's pool_box); the block then computes each bin row's and bin column's cells
-//    (pool_bin) into shared memory, so a thread's work per output is only the max over its
-//    bin's cells. Output sizes too large for the table compute pool_bin in the thread.
+//    (roi_math.h's roi_pool_box); the block then computes each bin row's and bin column's
+//    cells (roi_pool_bin) into shared memory, so a thread's work per output is only the max
+//    over its bin's cells. Output sizes too large for the table compute roi_pool_bin in the
+//    thread.
 //  * NCHW (or any layout whose channels are not innermost): consecutive threads take
 //    consecutive bins of one channel: contiguous stores, neighbouring bins read neighbouring
 //    cells of the same rows.
 //  * channels_last (channel stride 1): the 32 lanes of a warp take 32 consecutive channels of
 //    one bin, so every cell read is one coalesced 128-byte load (float); outputs are staged in
 //    shared memory and stored channel-major so that the stores coalesce too.
-//  * The max runs in the accumulation type from -FLT_MAX and keeps a cell only if it is
-//    greater, as torchvision does, so NaN cells never win; an empty bin is 0.
+//  * The max runs in the accumulation type with roi_math.h's pool_max_init / max_update, as
+//    on the CPU (from -FLT_MAX, keeping a cell only if it is greater, as torchvision does, so
+//    NaN cells never win); an empty bin (pool_bin_empty) is 0.
 //  * The map is read in place with its strides; offsets are 64-bit; jobs run in a grid-stride
 //    loop.
 #include <ATen/ATen.h>
@@ -24,7 +26,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cfloat>
 
 #include "../checks.h"
 #include "../roi_math.h"
@@ -74,17 +75,14 @@ __device__ __forceinline__ acc_t bin_max(
     int64_t he,
     int64_t ws,
     int64_t we) {
-  if (he <= hs || we <= ws) {
+  if (math::pool_bin_empty(hs, he, ws, we)) {
     return acc_t(0);
   }
-  acc_t v = static_cast<acc_t>(-FLT_MAX);
+  acc_t v = math::pool_max_init<acc_t>();
   for (int64_t y = hs; y < he; ++y) {
     const scalar_t* row = plane + y * m.stride_h;
     for (int64_t x = ws; x < we; ++x) {
-      const acc_t c = static_cast<acc_t>(row[x * m.stride_w]);
-      if (c > v) {
-        v = c;
-      }
+      v = math::max_update(v, static_cast<acc_t>(row[x * m.stride_w]));
     }
   }
   return v;
@@ -127,7 +125,7 @@ __global__ void __launch_bounds__(cuda::kThreads) roi_pool_kernel(
       // The host has range-checked the indices; this guard only keeps bad input from
       // reading out of bounds (the box then pools to zeros).
       plan.valid = math::batch_index(r[0], m.num_images, image);
-      plan.box = math::pool_box<acc_t>(r[1], r[2], r[3], r[4], static_cast<acc_t>(spatial_scale), 1);
+      plan.box = math::roi_pool_box<acc_t>(r[1], r[2], r[3], r[4], static_cast<acc_t>(spatial_scale));
       plan.valid = plan.valid && plan.box.ok;
       plan.base = input + image * m.stride_n;
     }
@@ -142,10 +140,10 @@ __global__ void __launch_bounds__(cuda::kThreads) roi_pool_kernel(
     if (tabled) {
       for (int64_t t = threadIdx.x; t < pooled_height + pooled_width; t += blockDim.x) {
         if (t < pooled_height) {
-          math::pool_bin<acc_t>(box.start_y, box.roi_h, pooled_height, t, m.height, row_start[t], row_end[t]);
+          math::roi_pool_bin<acc_t>(box.start_y, box.roi_h, pooled_height, t, m.height, row_start[t], row_end[t]);
         } else {
           const int64_t p = t - pooled_height;
-          math::pool_bin<acc_t>(box.start_x, box.roi_w, pooled_width, p, m.width, col_start[p], col_end[p]);
+          math::roi_pool_bin<acc_t>(box.start_x, box.roi_w, pooled_width, p, m.width, col_start[p], col_end[p]);
         }
       }
       __syncthreads();
@@ -161,8 +159,8 @@ __global__ void __launch_bounds__(cuda::kThreads) roi_pool_kernel(
         ws = col_start[pw];
         we = col_end[pw];
       } else {
-        math::pool_bin<acc_t>(box.start_y, box.roi_h, pooled_height, ph, m.height, hs, he);
-        math::pool_bin<acc_t>(box.start_x, box.roi_w, pooled_width, pw, m.width, ws, we);
+        math::roi_pool_bin<acc_t>(box.start_y, box.roi_h, pooled_height, ph, m.height, hs, he);
+        math::roi_pool_bin<acc_t>(box.start_x, box.roi_w, pooled_width, pw, m.width, ws, we);
       }
       return bin_max<acc_t>(plane, m, hs, he, ws, we);
     };
