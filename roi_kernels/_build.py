@@ -23,7 +23,9 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,6 +39,17 @@ EXTENSION_NAME = "roi_kernels_ext"
 
 class BuildError(RuntimeError):
     """The extension failed to compile; the message names the compiler's log file."""
+
+
+@dataclass(frozen=True)
+class LoadInfo:
+    """What :func:`load` did (the first import of ``roi_kernels`` calls it)."""
+
+    directory: Path  # the build folder
+    with_cuda: bool  # the CUDA sources are part of the build
+    seconds: float  # wall time of compiling what was stale, linking and loading
+    fresh: bool  # the folder held no earlier build: every source was compiled
+    compiled: bool  # something was compiled (the library was written anew)
 
 
 def _env_flag(name: str, default: str = "auto") -> str:
@@ -148,6 +161,10 @@ def load(verbose: bool | None = None) -> None:
         if verbose is None:
             verbose = os.environ.get("ROI_KERNELS_VERBOSE", "0") == "1"
         directory = build_dir(with_cuda)
+        fresh = not (directory / "build.ninja").exists()
+        library = _library_path(directory, with_cuda)
+        before = library.stat().st_mtime_ns if library.exists() else None
+        start = time.perf_counter()
         # No --use_fast_math and no fused multiply-adds: the GPU must round the sample
         # geometry, weights and level assignment exactly as the CPU does.
         cuda_flags = ["-O3", "-lineinfo", "--fmad=false"]
@@ -159,7 +176,7 @@ def load(verbose: bool | None = None) -> None:
             os.environ["CUDA_HOME"] = home
         try:
             cpp_extension.load(
-                name=EXTENSION_NAME + ("_cuda" if with_cuda else "_cpu"),
+                name=library.stem,
                 sources=sources(with_cuda),
                 extra_include_paths=[str(_CSRC)],
                 extra_cflags=_cpu_flags() + (["-DROI_KERNELS_WITH_CUDA"] if with_cuda else []),
@@ -177,12 +194,24 @@ def load(verbose: bool | None = None) -> None:
                 f"building the roi_kernels extension failed; the compiler's log is {log} "
                 f"(build folder {directory}; set ROI_KERNELS_VERBOSE=1 to see the commands)"
             ) from None
+        seconds = time.perf_counter() - start
         (directory / "build.log").unlink(missing_ok=True)  # a log of an earlier failure
+        after = library.stat().st_mtime_ns if library.exists() else None
         _LOADED["ext"] = directory
+        _LOADED["info"] = LoadInfo(directory, with_cuda, seconds, fresh, compiled=after != before)
+
+
+def _library_path(directory: Path, with_cuda: bool) -> Path:
+    return directory / f"{EXTENSION_NAME}{'_cuda' if with_cuda else '_cpu'}.so"
 
 
 def loaded_build_dir() -> Path | None:
     return _LOADED.get("ext")  # type: ignore[return-value]
+
+
+def load_info() -> LoadInfo | None:
+    """What loading the extension did in this process; None before it is loaded."""
+    return _LOADED.get("info")  # type: ignore[return-value]
 
 
 def clean(with_cuda: bool | None = None) -> Path:
