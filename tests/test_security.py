@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 import torch
 from conftest import random_boxes
@@ -29,7 +28,6 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from test_service_support import (
     assert_bitwise_equal,
     in_process_server,
-    registry_value,
     roi_server_command,
     start_server_process,
 )

@@ -460,18 +460,20 @@ def test_deadline_passed_in_the_queue_is_not_computed(tight, seed):
     probe, probe_want = small_request(gen, "probe", k=3)
     expired_before = registry_value(tight, "roi_requests_total", op="roi_align", code="DEADLINE_EXCEEDED")
     boxes_before = registry_value(tight, "roi_batch_boxes_sum")
-    with device_busy(tight, gen, 1.0) as (slow_future, slow, log, channel):
+    with device_busy(tight, gen, 1.0) as (slow_future, _, log, channel):
         start = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
             raw_pool(channel)(late.payload, timeout=0.3)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert time.monotonic() - start < 0.9
+        assert time.monotonic() - start < 5
         assert not slow_future.done(), "the device was free: the test shows nothing"
         # After the slow request, a probe: anything queued before it has been dealt with.
         got = roi_pb2.PoolResponse.FromString(raw_pool(channel)(probe.payload, timeout=60))
     assert "late" not in log.launched(), "a request whose deadline passed was computed"
     assert {"slow", "probe"} <= log.launched()
     assert got.id == "probe"
+    out = got.output
+    assert_bitwise_equal(np.frombuffer(out.data, np.float32).reshape(list(out.shape)), probe_want.numpy())
     assert registry_value(tight, "roi_batch_boxes_sum") - boxes_before == 16 + 3
     assert registry_value(tight, "roi_requests_total", op="roi_align", code="DEADLINE_EXCEEDED") == expired_before + 1
     assert registry_value(tight, "roi_queue_depth") == 0
