@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from conftest import random_boxes
+from conftest import edge_boxes, random_boxes
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.poolers import LevelMapper
 
@@ -25,21 +25,50 @@ def fpn_maps(gen, image_sizes, channels=16, levels=(2, 3, 4, 5), dtype=torch.flo
     ]
 
 
+def sane_edge_boxes(h, w, sampling_ratio):
+    """conftest's edge boxes (outside the map, zero-area, inverted, huge, ...) as list[Tensor[L, 4]],
+    the huge one shrunk for adaptive sampling (torchvision samples every point of it)."""
+    e = edge_boxes(h, w)[:, 1:]
+    if sampling_ratio <= 0:
+        e = e.clamp(-2000, 2000)
+    return e
+
+
 @pytest.mark.parametrize("sampling_ratio", [-1, 2])
 @pytest.mark.parametrize("levels", [(2, 3, 4, 5), (3, 4), (4,)])
 @pytest.mark.parametrize("output_size", [7, (14, 14)])
-def test_matches_torchvision(seed, sampling_ratio, levels, output_size):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_matches_torchvision(seed, sampling_ratio, levels, output_size, channels_last):
     gen = torch.Generator().manual_seed(seed)
     sizes = [(320, 448), (288, 416)]
     maps = fpn_maps(gen, sizes, levels=levels)
+    if channels_last:
+        maps = [m.to(memory_format=torch.channels_last) for m in maps]
     boxes = [random_boxes(gen, 60, h, w, min_side=8, max_side=600)[:, 1:] for h, w in sizes]
+    boxes[1] = torch.cat([boxes[1], sane_edge_boxes(288, 416, sampling_ratio)])
     names = [f"p{k}" for k in levels]
     tv = MultiScaleRoIAlign(names, output_size, sampling_ratio)
     ref = tv(dict(zip(names, maps)), boxes, sizes)
     ours = roi_kernels.multiscale_roi_align(maps, boxes, sizes, output_size, sampling_ratio)
+    assert ours.is_contiguous()
     torch.testing.assert_close(ours, ref, **F32)
     module = roi_kernels.MultiScaleRoIAlign(names, output_size, sampling_ratio)
     torch.testing.assert_close(module(dict(zip(names, maps)), boxes, sizes), ours, rtol=0, atol=0)
+
+
+def test_boxes_of_negative_area_have_no_level(seed):
+    """A box inverted along one axis has a negative area: torchvision's LevelMapper gives it a
+    NaN level that matches no map, so MultiScaleRoIAlign returns zeros for it; so do we. (Inverted
+    along both axes, the area is positive and the box is pooled on its level.)"""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [(256, 256)]
+    maps = fpn_maps(gen, sizes, channels=4)
+    boxes = torch.tensor([[60.0, 50, 20, 90], [60, 50, 100, 10], [60, 50, 20, 10], [10, 12, 10, 12]])
+    names = ["p2", "p3", "p4", "p5"]
+    ref = MultiScaleRoIAlign(names, 3, 2)(dict(zip(names, maps)), [boxes], sizes)
+    ours = roi_kernels.multiscale_roi_align(maps, [boxes], sizes, 3, 2)
+    torch.testing.assert_close(ours, ref, **F32)
+    assert (ours[:2] == 0).all() and (ours[2:] != 0).any()
 
 
 def test_aligned_and_max_follow_the_level_rule(seed):
@@ -49,6 +78,8 @@ def test_aligned_and_max_follow_the_level_rule(seed):
     sizes = [(400, 544)]
     maps = fpn_maps(gen, sizes, channels=8)
     rois = random_boxes(gen, 120, 400, 544, min_side=8, max_side=800)
+    # Clipped random boxes rarely reach P5 (sqrt(area) >= 448): one box per level for sure.
+    rois[:4, 1:] = torch.tensor([[10.0, 10, 40, 40], [10, 10, 150, 150], [0, 0, 300, 300], [0, 0, 540, 400]])
     levels = LevelMapper(2, 5)([rois[:, 1:]])
     for mode in ("avg", "max"):
         ours = roi_kernels.multiscale_roi_align(maps, rois, sizes, 7, 2, aligned=True, pool_mode=mode)
@@ -63,16 +94,23 @@ def test_aligned_and_max_follow_the_level_rule(seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_dtypes(seed, dtype):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dtypes(seed, dtype, channels_last):
     gen = torch.Generator().manual_seed(seed)
     sizes = [(256, 256)]
     maps = fpn_maps(gen, sizes, channels=8, dtype=dtype)
-    boxes = random_boxes(gen, 40, 256, 256)
+    if channels_last:
+        maps = [m.to(memory_format=torch.channels_last) for m in maps]
+    boxes = random_boxes(gen, 40, 256, 256, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     ours = roi_kernels.multiscale_roi_align(maps, boxes, sizes, 7, 2)
     assert ours.dtype == dtype
-    ref = roi_kernels.multiscale_roi_align([m.double() for m in maps], boxes.double(), sizes, 7, 2)
+    # torchvision on the same values in float64, or in float32 for the half types (whose CPU
+    # kernels it lacks or accumulates in half): only our final rounding to `dtype` differs.
+    names = ["p2", "p3", "p4", "p5"]
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    ref = MultiScaleRoIAlign(names, 7, 2)({n: m.to(wide) for n, m in zip(names, maps)}, [boxes[:, 1:].to(wide)], sizes)
     tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}[dtype]
-    torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(ours.to(wide), ref, rtol=tol, atol=tol)
 
 
 def test_errors():

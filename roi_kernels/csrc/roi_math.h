@@ -87,8 +87,9 @@ C10_HOST_DEVICE inline bool batch_index(T v, int64_t n, int64_t& out) {
 // FPN level assignment (torchvision's LevelMapper), in the boxes' dtype like torchvision:
 // k = floor(canonical_level + log2(sqrt(area) / canonical_scale) + 1e-6) clamped to
 // [k_min, k_max]. Returns the index of the level in [0, k_max - k_min], k_min being the
-// level of map 0. NaN areas (and inverted boxes of negative area) go to level 0; infinite
-// areas to the last level (their samples are off the map either way).
+// level of map 0, or -1 (no level: the box pools to zeros) for a negative or NaN area, as in
+// torchvision's MultiScaleRoIAlign, whose NaN level matches no map. A zero area goes to the
+// first level, an infinite one to the last (its samples are off the map).
 template <typename T>
 C10_HOST_DEVICE inline int64_t fpn_level(
     T x1,
@@ -100,12 +101,15 @@ C10_HOST_DEVICE inline int64_t fpn_level(
     int64_t k_min,
     int64_t k_max) {
   const T area = (x2 - x1) * (y2 - y1);
+  if (!(area >= T(0))) {
+    return -1;  // a box inverted along one axis, or NaN
+  }
   const T s = ::sqrt(area);
   T k = ::floor(
       static_cast<T>(canonical_level) + ::log2(s / static_cast<T>(canonical_scale)) +
       static_cast<T>(1e-6));
   if (!(k >= static_cast<T>(k_min))) {
-    k = static_cast<T>(k_min);  // also NaN (negative areas) -> lowest level
+    k = static_cast<T>(k_min);
   }
   if (k > static_cast<T>(k_max)) {
     k = static_cast<T>(k_max);
@@ -128,7 +132,7 @@ struct MapSelection {
 };
 
 // The map and the image within it that box r = (index, x1, y1, x2, y2) reads. False when the
-// box has no valid image (it then pools to zeros).
+// box has no valid image or no level (it then pools to zeros).
 template <typename T>
 C10_HOST_DEVICE inline bool select_map(const MapSelection& s, const T* r, int64_t& map, int64_t& image) {
   int64_t idx = 0;
