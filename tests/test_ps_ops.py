@@ -140,11 +140,23 @@ def test_ps_half_types_accumulate_in_float32(seed, dtype, tol, channels_last):
         assert (ours.float() - ref.to(dtype).float()).abs().max() <= tol
 
 
-@pytest.mark.parametrize("sampling_ratio", [-1, 0, 2])
-def test_ps_roi_align_edge_boxes(seed, sampling_ratio):
+@pytest.mark.parametrize("sampling_ratio", [16, 64])
+def test_ps_roi_align_large_sampling_ratios(seed, sampling_ratio):
     gen = torch.Generator().manual_seed(seed)
-    x = make_input(gen, c_out=3, output_size=(7, 7))
-    boxes = edge_boxes(23 * 16, 31 * 16, num_images=2)
+    x = make_input(gen, n=2, c_out=2, output_size=(2, 3), h=19, w=23)
+    boxes = torch.cat([random_boxes(gen, 6, 19 * 8, 23 * 8, num_images=2, min_side=2), edge_boxes(152, 184, 2)[:5]])
+    ours = roi_kernels.ps_roi_align(x, boxes, (2, 3), 1 / 8, sampling_ratio)
+    torch.testing.assert_close(ours, torchvision.ops.ps_roi_align(x, boxes, (2, 3), 1 / 8, sampling_ratio), **F32)
+    assert ours.abs().sum() > 0
+
+
+@pytest.mark.parametrize("sampling_ratio", [-1, 0, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ps_roi_align_edge_boxes(seed, sampling_ratio, channels_last, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    x = make_input(gen, c_out=3, output_size=(7, 7), dtype=dtype, channels_last=channels_last)
+    boxes = edge_boxes(23 * 16, 31 * 16, num_images=2, dtype=dtype)
     ours = roi_kernels.ps_roi_align(x, boxes, 7, 1 / 16, sampling_ratio)
     assert torch.isfinite(ours).all()
     # torchvision returns NaN for a box of zero (or slightly negative) width or height with
@@ -204,12 +216,15 @@ def test_ps_roi_pool_matches_torchvision_float64(seed):
     torch.testing.assert_close(ours, torchvision.ops.ps_roi_pool(x, boxes, (4, 6), 1 / 4), **F64)
 
 
-def test_ps_roi_pool_edge_boxes(seed):
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ps_roi_pool_edge_boxes(seed, channels_last, dtype):
     gen = torch.Generator().manual_seed(seed)
-    x = make_input(gen, c_out=3, output_size=(7, 7))
-    boxes = edge_boxes(23 * 16, 31 * 16, num_images=2)
+    x = make_input(gen, c_out=3, output_size=(7, 7), dtype=dtype, channels_last=channels_last)
+    boxes = edge_boxes(23 * 16, 31 * 16, num_images=2, dtype=dtype)
     ours = roi_kernels.ps_roi_pool(x, boxes, 7, 1 / 16)
-    torch.testing.assert_close(ours, torchvision.ops.ps_roi_pool(x, boxes, 7, 1 / 16), **F32)
+    tol = F32 if dtype == torch.float32 else F64
+    torch.testing.assert_close(ours, torchvision.ops.ps_roi_pool(x, boxes, 7, 1 / 16), **tol)
     # The boxes entirely off the map pool to 0 (bins clipped to nothing).
     assert (ours[:2] == 0).all()
 

@@ -37,13 +37,28 @@ def test_matches_torchvision_float32(seed, aligned, sampling_ratio, output_size,
 
 
 @pytest.mark.parametrize("aligned", [False, True])
-def test_matches_torchvision_float64(seed, aligned):
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_matches_torchvision_float64(seed, aligned, sampling_ratio, channels_last):
     gen = torch.Generator().manual_seed(seed)
-    x = make_input(gen, c=33, dtype=torch.float64)
+    x = make_input(gen, c=33, dtype=torch.float64, channels_last=channels_last)
     boxes = random_boxes(gen, 40, 23 * 8, 31 * 8, num_images=2, min_side=2, dtype=torch.float64)
-    ours = roi_kernels.roi_align(x, boxes, 5, 1 / 8, -1, aligned)
-    ref = torchvision.ops.roi_align(x, boxes, 5, 1 / 8, -1, aligned)
+    ours = roi_kernels.roi_align(x, boxes, 5, 1 / 8, sampling_ratio, aligned)
+    ref = torchvision.ops.roi_align(x, boxes, 5, 1 / 8, sampling_ratio, aligned)
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("sampling_ratio", [16, 64, 1024])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_large_sampling_ratios(seed, sampling_ratio, aligned):
+    gen = torch.Generator().manual_seed(seed)
+    x = make_input(gen, n=2, c=5, h=19, w=23)
+    boxes = torch.cat([random_boxes(gen, 6, 19 * 8, 23 * 8, num_images=2, min_side=2), edge_boxes(152, 184, 2)[:5]])
+    size = (2, 3) if sampling_ratio < 1024 else (1, 1)
+    ours = roi_kernels.roi_align(x, boxes, size, 1 / 8, sampling_ratio, aligned)
+    ref = torchvision.ops.roi_align(x, boxes, size, 1 / 8, sampling_ratio, aligned)
+    torch.testing.assert_close(ours, ref, **F32)
+    assert ours.abs().sum() > 0
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
@@ -76,10 +91,17 @@ def test_boxes_as_list_equal_boxes_as_tensor(seed):
 
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("sampling_ratio", [-1, 2])
-def test_edge_boxes(seed, aligned, sampling_ratio):
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_edge_boxes(seed, aligned, sampling_ratio, channels_last, dtype):
     gen = torch.Generator().manual_seed(seed)
-    x = make_input(gen, n=2, c=20)
-    boxes = edge_boxes(23 * 16, 31 * 16, num_images=2)
+    x = make_input(gen, n=2, c=20, dtype=dtype, channels_last=channels_last)
+    boxes = edge_boxes(23 * 16, 31 * 16, num_images=2, dtype=dtype)
+    if sampling_ratio <= 0:
+        # torchvision visits every sample: the 2e5-pixel box would cost it 10 s; 4000 pixels
+        # still covers the map 8 times (test_non_finite_and_huge_boxes_are_defined_and_fast
+        # takes the larger ones).
+        boxes[:, 1:] = boxes[:, 1:].clamp(-2000, 2000)
     ours = roi_kernels.roi_align(x, boxes, 7, 1 / 16, sampling_ratio, aligned)
     assert torch.isfinite(ours).all()
     inverted = (boxes[:, 3] < boxes[:, 1]) | (boxes[:, 4] < boxes[:, 2])
@@ -91,6 +113,7 @@ def test_edge_boxes(seed, aligned, sampling_ratio):
         torch.testing.assert_close(ours[keep], ref, **F32)
         ref64 = roi_align_ref(x, boxes[inverted], (7, 7), 1 / 16, sampling_ratio, aligned)
         torch.testing.assert_close(ours[inverted].double(), ref64, rtol=1e-4, atol=1e-5)
+        assert inverted.any()
     else:
         ref = torchvision.ops.roi_align(x, boxes, 7, 1 / 16, sampling_ratio, aligned)
         torch.testing.assert_close(ours, ref, **F32)
@@ -121,21 +144,29 @@ def test_avg_matches_float64_reference(seed):
 
 
 @pytest.mark.parametrize("pool_mode", ["avg", "max"])
-def test_ragged_input_equals_per_image_calls(seed, pool_mode):
+@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_ragged_input_equals_per_image_calls(seed, pool_mode, sampling_ratio, aligned, dtype, channels_last):
     gen = torch.Generator().manual_seed(seed)
     sizes = [(int(torch.randint(5, 40, (1,), generator=gen)), int(torch.randint(5, 40, (1,), generator=gen))) for _ in range(5)]
-    maps = [torch.randn(24, h, w, generator=gen) for h, w in sizes]
+    maps = [torch.randn(24, h, w, generator=gen).to(dtype) for h, w in sizes]
+    if channels_last:
+        maps = [m[None].to(memory_format=torch.channels_last)[0] for m in maps]
     boxes = random_boxes(gen, 80, 40 * 16, 40 * 16, num_images=5, min_side=4)
-    ours = roi_kernels.roi_align(maps, boxes, 7, 1 / 16, 2, True, pool_mode=pool_mode)
-    assert ours.shape == (80, 24, 7, 7)
+    boxes = torch.cat([boxes, edge_boxes(40 * 16, 40 * 16, num_images=5).clamp(-2000, 2000)])
+    ours = roi_kernels.roi_align(maps, boxes, 7, 1 / 16, sampling_ratio, aligned, pool_mode=pool_mode)
+    assert ours.shape == (90, 24, 7, 7) and ours.dtype == dtype
     for i, m in enumerate(maps):
         sel = boxes[:, 0] == i
         one = boxes[sel].clone()
         one[:, 0] = 0
-        expected = roi_kernels.roi_align(m[None], one, 7, 1 / 16, 2, True, pool_mode=pool_mode)
+        expected = roi_kernels.roi_align(m[None], one, 7, 1 / 16, sampling_ratio, aligned, pool_mode=pool_mode)
         torch.testing.assert_close(ours[sel], expected, rtol=0, atol=0)
-        if pool_mode == "avg":
-            torch.testing.assert_close(ours[sel], torchvision.ops.roi_align(m[None], one, 7, 1 / 16, 2, True), **F32)
+        if pool_mode == "avg" and dtype != torch.float16 and not (aligned and sampling_ratio <= 0):
+            tv = torchvision.ops.roi_align(m[None], one.to(dtype), 7, 1 / 16, sampling_ratio, aligned)
+            torch.testing.assert_close(ours[sel], tv, **(F32 if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)))
 
 
 def test_zero_boxes_give_empty_output():

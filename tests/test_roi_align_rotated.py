@@ -114,6 +114,18 @@ def test_matches_reference_float64(seed, aligned, sampling_ratio, output_size, c
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("sampling_ratio", [16, 64])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_large_sampling_ratios(seed, sampling_ratio, aligned):
+    gen = torch.Generator().manual_seed(seed)
+    x = make_input(gen, n=2, c=3, h=17, w=21, dtype=torch.float64)
+    rois = random_rotated(gen, 8, 17 * 8, 21 * 8, num_images=2, min_side=2, max_side=200, dtype=torch.float64)
+    ours = roi_kernels.roi_align_rotated(x, rois, (2, 3), 1 / 8, sampling_ratio, aligned)
+    ref = roi_align_rotated_ref(x, rois, (2, 3), 1 / 8, sampling_ratio, aligned)
+    assert ref.abs().sum() > 0
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("aligned", [True, False])
 @pytest.mark.parametrize("sampling_ratio", [-1, 2])
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -306,6 +318,25 @@ def test_zero_size_boxes(seed):
                 assert (ours == 0).all()  # no extent, no adaptive samples
             else:
                 assert (ours != 0).any()
+
+
+def test_boxes_outside_the_map(seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = make_input(gen, n=1, c=3, h=20, w=24, dtype=torch.float64)
+    rois = torch.tensor(
+        [
+            [0, -500.0, -500, 40, 40, 30],  # far before the map
+            [0, 24 * 16 + 400, 100, 64, 32, -70],  # far after it
+            [0, -8.0, 160, 64, 64, 45],  # straddling the left edge
+            [0, 24 * 16, 20 * 16, 80, 40, 120],  # straddling the far corner
+        ],
+        dtype=torch.float64,
+    )
+    for aligned in (True, False):
+        for sr in (-1, 2):
+            ours = roi_kernels.roi_align_rotated(x, rois, 4, 1 / 16, sr, aligned)
+            torch.testing.assert_close(ours, roi_align_rotated_ref(x, rois, (4, 4), 1 / 16, sr, aligned), rtol=1e-10, atol=1e-10)
+            assert (ours[:2] == 0).all() and (ours[2:] != 0).any()
 
 
 # ---------------------------------------------------------------------------------------------

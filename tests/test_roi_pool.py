@@ -28,10 +28,13 @@ def test_equals_torchvision(seed, output_size, channels_last, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_types_equal_float32_max(seed, dtype):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_half_types_equal_float32_max(seed, dtype, channels_last):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 70, 20, 30, generator=gen).to(dtype)
-    boxes = random_boxes(gen, 40, 320, 480, num_images=2, min_side=4)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    boxes = torch.cat([random_boxes(gen, 40, 320, 480, num_images=2, min_side=4), edge_boxes(320, 480, 2)])
     ours = roi_kernels.roi_pool(x, boxes, 7, 1 / 16)
     # A max picks an input value: exact in the input's dtype.
     assert torch.equal(ours, torchvision.ops.roi_pool(x.float(), boxes, 7, 1 / 16).to(dtype))
