@@ -38,13 +38,40 @@ __all__ = [
 _ops = torch.ops.roi_kernels
 
 
+def _int(name: str, value) -> int:
+    """``value`` as an int: an int, or a float or 0-d tensor holding an integer."""
+    if isinstance(value, (bool, str, bytes)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    try:
+        as_float = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+    if not as_float.is_integer():
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(as_float)
+
+
+def _float(name: str, value) -> float:
+    if isinstance(value, (bool, str, bytes)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+
+
 def _pair(output_size: SizeLike) -> tuple[int, int]:
-    if isinstance(output_size, int):
-        size = (output_size, output_size)
-    else:
-        size = tuple(int(s) for s in output_size)
-        if len(size) == 1:
-            size = (size[0], size[0])
+    if isinstance(output_size, (str, bytes)):
+        raise TypeError(f"output_size must be an int or (height, width), got {output_size!r}")
+    try:
+        items = list(output_size)  # type: ignore[arg-type]  (a sequence, a 1-D array or tensor)
+    except TypeError:
+        items = [output_size]  # one number for both sides
+    size = tuple(_int("output_size", s) for s in items)
+    if len(size) == 1:
+        size = (size[0], size[0])
     if len(size) != 2:
         raise ValueError(f"output_size must be an int or (height, width), got {output_size!r}")
     if size[0] <= 0 or size[1] <= 0:
@@ -112,12 +139,13 @@ def roi_align(
     """
     _check_pool_mode(pool_mode)
     ph, pw = _pair(output_size)
+    scale, ratio = _float("spatial_scale", spatial_scale), _int("sampling_ratio", sampling_ratio)
     rois = convert_boxes_to_rois(boxes)
     if isinstance(input, Tensor):
-        return _ops.roi_align(input, rois, float(spatial_scale), ph, pw, int(sampling_ratio), bool(aligned), pool_mode)
-    return _ops.roi_align_ragged(
-        list(input), rois, float(spatial_scale), ph, pw, int(sampling_ratio), bool(aligned), pool_mode
-    )
+        return _ops.roi_align(input, rois, scale, ph, pw, ratio, bool(aligned), pool_mode)
+    if not isinstance(input, (list, tuple)):
+        raise TypeError(f"input must be Tensor[N, C, H, W] or a list of Tensor[C, H, W], got {type(input).__name__}")
+    return _ops.roi_align_ragged(list(input), rois, scale, ph, pw, ratio, bool(aligned), pool_mode)
 
 
 def roi_pool(input: Tensor, boxes: BoxesLike, output_size: SizeLike, spatial_scale: float = 1.0) -> Tensor:
@@ -133,7 +161,7 @@ def roi_pool(input: Tensor, boxes: BoxesLike, output_size: SizeLike, spatial_sca
         ``Tensor[K, C, PH, PW]``; an empty bin gives 0.
     """
     ph, pw = _pair(output_size)
-    return _ops.roi_pool(input, convert_boxes_to_rois(boxes), float(spatial_scale), ph, pw)
+    return _ops.roi_pool(input, convert_boxes_to_rois(boxes), _float("spatial_scale", spatial_scale), ph, pw)
 
 
 def ps_roi_align(
@@ -154,7 +182,14 @@ def ps_roi_align(
         ``(c * PH + ph) * PW + pw``.
     """
     ph, pw = _pair(output_size)
-    return _ops.ps_roi_align(input, convert_boxes_to_rois(boxes), float(spatial_scale), ph, pw, int(sampling_ratio))
+    return _ops.ps_roi_align(
+        input,
+        convert_boxes_to_rois(boxes),
+        _float("spatial_scale", spatial_scale),
+        ph,
+        pw,
+        _int("sampling_ratio", sampling_ratio),
+    )
 
 
 def ps_roi_pool(input: Tensor, boxes: BoxesLike, output_size: SizeLike, spatial_scale: float = 1.0) -> Tensor:
@@ -168,7 +203,7 @@ def ps_roi_pool(input: Tensor, boxes: BoxesLike, output_size: SizeLike, spatial_
         ``Tensor[K, C_out, PH, PW]``.
     """
     ph, pw = _pair(output_size)
-    return _ops.ps_roi_pool(input, convert_boxes_to_rois(boxes), float(spatial_scale), ph, pw)
+    return _ops.ps_roi_pool(input, convert_boxes_to_rois(boxes), _float("spatial_scale", spatial_scale), ph, pw)
 
 
 def roi_align_rotated(
@@ -193,7 +228,8 @@ def roi_align_rotated(
     """
     ph, pw = _pair(output_size)
     r = convert_boxes_to_rois(rois, name="rois", cols=5)
-    return _ops.roi_align_rotated(input, r, float(spatial_scale), ph, pw, int(sampling_ratio), bool(aligned))
+    scale, ratio = _float("spatial_scale", spatial_scale), _int("sampling_ratio", sampling_ratio)
+    return _ops.roi_align_rotated(input, r, scale, ph, pw, ratio, bool(aligned))
 
 
 def infer_scales(features: Sequence[Tensor], image_sizes: Sequence[Sequence[int]]) -> list[float]:
@@ -252,11 +288,11 @@ def multiscale_roi_align(
         scales,
         ph,
         pw,
-        int(sampling_ratio),
+        _int("sampling_ratio", sampling_ratio),
         bool(aligned),
         pool_mode,
-        int(canonical_scale),
-        int(canonical_level),
+        _int("canonical_scale", canonical_scale),
+        _int("canonical_level", canonical_level),
     )
 
 
@@ -269,10 +305,25 @@ def _empty_like_output(ref: Tensor, k: int, c, ph, pw) -> Tensor:
     return ref.new_empty((k, c, ph, pw))
 
 
+def _check_rois_fake(rois: Tensor, ref: Tensor, cols: int, name: str = "boxes") -> None:
+    """The kernels' checks that a fake can make: the shape and the device of the boxes."""
+    torch._check(rois.dim() == 2 and rois.size(1) == cols, lambda: f"{name} must be Tensor[K, {cols}]")
+    torch._check(
+        rois.device == ref.device,
+        lambda: f"{name} must be on the same device as input: {rois.device} vs {ref.device}",
+    )
+
+
+def _check_maps_fake(maps, name: str) -> None:
+    for i, m in enumerate(maps[1:], 1):
+        torch._check(m.device == maps[0].device, lambda: f"{name}[{i}] must be on the device of the first map")
+        torch._check(m.dtype == maps[0].dtype, lambda: f"{name}[{i}] must have the dtype of the first map")
+
+
 @torch.library.register_fake("roi_kernels::roi_align")
 def _roi_align_fake(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_mode):
     torch._check(input.dim() == 4, lambda: "input must be Tensor[N, C, H, W]")
-    torch._check(rois.dim() == 2 and rois.size(1) == 5, lambda: "boxes must be Tensor[K, 5]")
+    _check_rois_fake(rois, input, 5)
     return _empty_like_output(input, rois.size(0), input.size(1), pooled_height, pooled_width)
 
 
@@ -281,7 +332,8 @@ def _roi_align_ragged_fake(
     features, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_mode
 ):
     torch._check(len(features) > 0, lambda: "input must hold at least one map")
-    torch._check(rois.dim() == 2 and rois.size(1) == 5, lambda: "boxes must be Tensor[K, 5]")
+    _check_maps_fake(features, "input")
+    _check_rois_fake(rois, features[0], 5)
     return _empty_like_output(features[0], rois.size(0), features[0].size(0), pooled_height, pooled_width)
 
 
@@ -299,20 +351,21 @@ def _multiscale_fake(
     canonical_level,
 ):
     torch._check(len(features) > 0, lambda: "features must hold at least one map")
-    torch._check(rois.dim() == 2 and rois.size(1) == 5, lambda: "boxes must be Tensor[K, 5]")
+    _check_maps_fake(features, "features")
+    _check_rois_fake(rois, features[0], 5)
     return _empty_like_output(features[0], rois.size(0), features[0].size(1), pooled_height, pooled_width)
 
 
 @torch.library.register_fake("roi_kernels::roi_pool")
 def _roi_pool_fake(input, rois, spatial_scale, pooled_height, pooled_width):
     torch._check(input.dim() == 4, lambda: "input must be Tensor[N, C, H, W]")
-    torch._check(rois.dim() == 2 and rois.size(1) == 5, lambda: "boxes must be Tensor[K, 5]")
+    _check_rois_fake(rois, input, 5)
     return _empty_like_output(input, rois.size(0), input.size(1), pooled_height, pooled_width)
 
 
 def _ps_fake(input, rois, pooled_height, pooled_width):
     torch._check(input.dim() == 4, lambda: "input must be Tensor[N, C, H, W]")
-    torch._check(rois.dim() == 2 and rois.size(1) == 5, lambda: "boxes must be Tensor[K, 5]")
+    _check_rois_fake(rois, input, 5)
     bins = pooled_height * pooled_width
     torch._check(
         input.size(1) % bins == 0,
@@ -334,7 +387,7 @@ def _ps_roi_pool_fake(input, rois, spatial_scale, pooled_height, pooled_width):
 @torch.library.register_fake("roi_kernels::roi_align_rotated")
 def _roi_align_rotated_fake(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
     torch._check(input.dim() == 4, lambda: "input must be Tensor[N, C, H, W]")
-    torch._check(rois.dim() == 2 and rois.size(1) == 6, lambda: "rois must be Tensor[K, 6]")
+    _check_rois_fake(rois, input, 6, "rois")
     return _empty_like_output(input, rois.size(0), input.size(1), pooled_height, pooled_width)
 
 
