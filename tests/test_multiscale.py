@@ -128,13 +128,3 @@ def test_errors():
         roi_kernels.multiscale_roi_align(maps, boxes, [], 2)
     with pytest.raises(RuntimeError, match=r"boxes\[:, 0\]"):
         roi_kernels.multiscale_roi_align(maps, torch.tensor([[3.0, 0, 0, 1, 1]]), [(64, 64)], 2)
-
-
-def test_opcheck():
-    gen = torch.Generator().manual_seed(0)
-    maps = fpn_maps(gen, [(128, 160)], channels=4)
-    boxes = random_boxes(gen, 9, 128, 160)
-    torch.library.opcheck(
-        torch.ops.roi_kernels.multiscale_roi_align.default,
-        (maps, boxes, [0.25, 0.125, 0.0625, 0.03125], 3, 3, 2, False, "avg", 224, 4),
-    )

@@ -333,17 +333,6 @@ def test_modules_match_functions(seed):
     torch.testing.assert_close(pool(x, boxes), torchvision.ops.PSRoIPool(3, 1 / 16)(x, boxes), **F32)
 
 
-def test_opcheck():
-    gen = torch.Generator().manual_seed(0)
-    x = make_input(gen, n=2, c_out=2, output_size=(3, 2))
-    boxes = random_boxes(gen, 7, 23 * 16, 31 * 16, num_images=2)
-    for xs in (x, x.to(memory_format=torch.channels_last), x.to(torch.float16)):
-        torch.library.opcheck(torch.ops.roi_kernels.ps_roi_align.default, (xs, boxes, 1 / 16, 3, 2, 2))
-        torch.library.opcheck(torch.ops.roi_kernels.ps_roi_align.default, (xs, boxes, 1 / 16, 3, 2, -1))
-        torch.library.opcheck(torch.ops.roi_kernels.ps_roi_pool.default, (xs, boxes, 1 / 16, 3, 2))
-    torch.library.opcheck(torch.ops.roi_kernels.ps_roi_pool.default, (x, boxes[:0], 1 / 16, 3, 2))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("op", OPS)
 def test_offsets_beyond_2_31_elements(op):

@@ -264,20 +264,6 @@ def test_module_wrapper_equals_function(seed):
     torch.testing.assert_close(module(x, boxes), roi_kernels.roi_align(x, boxes, 5, 1 / 16, 2, True, "max"))
 
 
-def test_opcheck():
-    gen = torch.Generator().manual_seed(0)
-    x = make_input(gen, n=2, c=6)
-    boxes = random_boxes(gen, 7, 300, 400, num_images=2)
-    for args in [
-        (x, boxes, 1 / 16, 3, 4, 2, True, "avg"),
-        (x, boxes, 1 / 16, 2, 2, -1, False, "max"),
-        (x.to(memory_format=torch.channels_last), boxes, 0.25, 2, 2, 1, False, "avg"),
-    ]:
-        torch.library.opcheck(torch.ops.roi_kernels.roi_align.default, args)
-    maps = [x[0], x[1, :, :10, :7]]
-    torch.library.opcheck(torch.ops.roi_kernels.roi_align_ragged.default, (maps, boxes, 1 / 16, 3, 3, 2, True, "avg"))
-
-
 @pytest.mark.slow
 def test_offsets_beyond_2_31_elements():
     """A map of more than 2^31 elements: a box at its far corner reads the right values."""

@@ -340,7 +340,7 @@ def test_boxes_outside_the_map(seed):
 
 
 # ---------------------------------------------------------------------------------------------
-# Bad input, empty input, opcheck
+# Bad input, empty input
 # ---------------------------------------------------------------------------------------------
 
 
@@ -376,17 +376,3 @@ def test_bad_input_raises_naming_the_argument():
         f(x[0], rois, 2)
     with pytest.raises(RuntimeError, match="input must be float32"):
         f(x.long(), rois, 2)
-
-
-def test_opcheck():
-    gen = torch.Generator().manual_seed(0)
-    x = make_input(gen, n=2, c=6)
-    rois = random_rotated(gen, 7, 23 * 16, 31 * 16, num_images=2)
-    for args in [
-        (x, rois, 1 / 16, 3, 4, 2, True),
-        (x, rois, 1 / 16, 2, 2, -1, False),
-        (x.to(memory_format=torch.channels_last), rois, 0.25, 2, 2, 1, False),
-        (x.to(torch.bfloat16), rois, 1 / 16, 3, 3, 2, True),
-        (x, rois[:0], 1 / 16, 3, 3, 2, True),
-    ]:
-        torch.library.opcheck(torch.ops.roi_kernels.roi_align_rotated.default, args)

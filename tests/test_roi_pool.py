@@ -67,10 +67,3 @@ def test_errors_name_the_argument():
     with pytest.raises(RuntimeError, match=r"boxes must be Tensor\[K, 5\]"):
         roi_kernels.roi_pool(x, torch.zeros(2, 6), 2)
     assert roi_kernels.roi_pool(x, torch.zeros(0, 5), (3, 2)).shape == (0, 4, 3, 2)
-
-
-def test_opcheck():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 5, 12, 14, generator=gen)
-    boxes = random_boxes(gen, 6, 192, 224, num_images=2)
-    torch.library.opcheck(torch.ops.roi_kernels.roi_pool.default, (x, boxes, 1 / 16, 3, 2))
