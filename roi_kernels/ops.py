@@ -11,6 +11,7 @@ feature map: for a stride-16 backbone map, ``spatial_scale=1/16`` sends the imag
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Union
 
@@ -282,6 +283,12 @@ def multiscale_roi_align(
     if not features:
         raise ValueError("features must hold at least one map")
     scales = infer_scales(features, image_sizes)
+    levels = [-round(math.log2(s)) for s in scales]
+    if levels != list(range(levels[0], levels[0] + len(levels))):
+        raise ValueError(
+            "features must be FPN levels whose scales are consecutive powers of 1/2, finest first: "
+            f"their heights over the largest of image_sizes give scales {scales}"
+        )
     return _ops.multiscale_roi_align(
         features,
         convert_boxes_to_rois(boxes),

@@ -237,6 +237,12 @@ def test_multiscale_arguments():
         call("multiscale_roi_align", canonical_scale=0)
     with raises(ValueError, r"canonical_level must be an integer"):
         call("multiscale_roi_align", canonical_level=4.5)
+    with raises(ValueError, r"features must be FPN levels whose scales are consecutive powers of 1/2"):
+        call("multiscale_roi_align", features=[FPN[0], FPN[1][:, :, :4, :4]])
+    with raises(ValueError, r"features must be FPN levels whose scales are consecutive powers of 1/2"):
+        call("multiscale_roi_align", features=[FPN[1], FPN[0]])
+    with raises(ValueError, r"features\[1\] has an empty spatial size"):
+        call("multiscale_roi_align", features=[FPN[0], FPN[1][:, :, :0]])
 
 
 def test_multiscale_scales_at_the_op_level():
