@@ -34,7 +34,7 @@ def sane_edge_boxes(h, w, sampling_ratio):
     return e
 
 
-@pytest.mark.parametrize("sampling_ratio", [-1, 2])
+@pytest.mark.parametrize("sampling_ratio", [-1, 0, 1, 2])
 @pytest.mark.parametrize("levels", [(2, 3, 4, 5), (3, 4), (4,)])
 @pytest.mark.parametrize("output_size", [7, (14, 14)])
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -54,6 +54,18 @@ def test_matches_torchvision(seed, sampling_ratio, levels, output_size, channels
     torch.testing.assert_close(ours, ref, **F32)
     module = roi_kernels.MultiScaleRoIAlign(names, output_size, sampling_ratio)
     torch.testing.assert_close(module(dict(zip(names, maps)), boxes, sizes), ours, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sampling_ratio", [16, 64])
+def test_large_sampling_ratios(seed, sampling_ratio):
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [(256, 320)]
+    maps = fpn_maps(gen, sizes, channels=3)
+    boxes = [random_boxes(gen, 12, 256, 320, min_side=8, max_side=400)[:, 1:]]
+    names = ["p2", "p3", "p4", "p5"]
+    ref = MultiScaleRoIAlign(names, (2, 3), sampling_ratio)(dict(zip(names, maps)), boxes, sizes)
+    ours = roi_kernels.multiscale_roi_align(maps, boxes, sizes, (2, 3), sampling_ratio)
+    torch.testing.assert_close(ours, ref, **F32)
 
 
 def test_boxes_of_negative_area_have_no_level(seed):
