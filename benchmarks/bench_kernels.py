@@ -1,13 +1,19 @@
 """Our RoI kernels against torchvision's on the standard workloads, side by side in one run.
 
-    python benchmarks/bench_kernels.py                       # CPU, all workloads, float32 + float16
+    python benchmarks/bench_kernels.py                       # CPU, standard workloads, float32 + float16
     python benchmarks/bench_kernels.py --device cuda --dtypes float32 float16 bfloat16
     python benchmarks/bench_kernels.py --workloads fpn-det --repeat 11 --plot out.png
+    python benchmarks/bench_kernels.py --extras               # also the ps and rotated ops
 
 For each workload and dtype: the median of --repeat timed runs after a warm-up, for us and
 for torchvision on the same inputs, their ratio, and our time over the workload's floor (its
 bytes at the measured copy bandwidth, or its arithmetic at the measured multiply-add rate,
-whichever is longer). Prints a Markdown table (and --json rows).
+whichever is longer). Prints a Markdown table (and --json rows); progress goes to stderr.
+
+The standard workloads are WORKLOADS.md's. WORKLOADS.md has no shape for ps_roi_align,
+ps_roi_pool or roi_align_rotated: --extras adds workloads built on single-level for them
+(benchmarks/workloads.py), in a table of their own, apart from the standard rows the
+project's speed targets refer to. torchvision has no rotated op: that row has no contender.
 """
 
 from __future__ import annotations
@@ -64,6 +70,14 @@ def machine_rates(device: str) -> tuple[float, float]:
 
 
 def ours(w: workloads.Workload):
+    if w.op == "ps_roi_align":
+        return lambda: roi_kernels.ps_roi_align(w.maps[0], w.boxes, w.output_size, w.spatial_scale, w.sampling_ratio)
+    if w.op == "ps_roi_pool":
+        return lambda: roi_kernels.ps_roi_pool(w.maps[0], w.boxes, w.output_size, w.spatial_scale)
+    if w.op == "roi_align_rotated":
+        return lambda: roi_kernels.roi_align_rotated(
+            w.maps[0], w.boxes, w.output_size, w.spatial_scale, w.sampling_ratio, w.aligned
+        )
     if w.op == "roi_pool":
         return lambda: roi_kernels.roi_pool(w.maps[0], w.boxes, w.output_size, w.spatial_scale)
     if w.op == "roi_align":
@@ -80,8 +94,14 @@ def ours(w: workloads.Workload):
 def torchvision_fn(w: workloads.Workload):
     """What a user has without us: torchvision's ops (its MultiScaleRoIAlign algorithm with the
     workload's `aligned`, which the module itself does not expose; a per-image loop for a
-    ragged batch)."""
+    ragged batch). None where torchvision has no such op."""
     ops = torchvision.ops
+    if w.op == "roi_align_rotated":
+        return None
+    if w.op == "ps_roi_align":
+        return lambda: ops.ps_roi_align(w.maps[0], w.boxes, w.output_size, w.spatial_scale, w.sampling_ratio)
+    if w.op == "ps_roi_pool":
+        return lambda: ops.ps_roi_pool(w.maps[0], w.boxes, w.output_size, w.spatial_scale)
     if w.op == "roi_pool":
         return lambda: ops.roi_pool(w.maps[0], w.boxes, w.output_size, w.spatial_scale)
     if w.op == "roi_align":
@@ -117,23 +137,114 @@ def torchvision_fn(w: workloads.Workload):
 def floor_ms(w: workloads.Workload, dtype: torch.dtype, bandwidth: float, fma_rate: float) -> float:
     size = torch.tensor([], dtype=dtype).element_size()
     moved = sum(m.numel() for m in w.maps) * size + w.output_elements() * size
-    fmas = 4 * float(workloads.samples_per_box(w).sum()) * w.channels
+    fmas = 4 * float(workloads.samples_per_box(w).sum()) * w.channels_out
     return max(moved / bandwidth, fmas / fma_rate) * 1e3
 
 
+HEADER = (
+    "| workload | op | dtype | device | threads | ours ms | torchvision ms | speed-up | floor ms | ours / floor "
+    "| max abs diff |\n|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def measure(name: str, dname: str, device: str, repeat: int, threads: int, bandwidth: float, fma_rate: float) -> dict:
+    """One row: our op and torchvision's on the same inputs, side by side."""
+    dtype = DTYPES[dname]
+    w = workloads.make(name, dtype)
+    w.maps = [m.to(device) for m in w.maps]
+    w.boxes = w.boxes.to(device)
+    f_ours, f_tv = ours(w), torchvision_fn(w)
+    mine = f_ours()
+    via = ""
+    theirs = None
+    if f_tv is not None:
+        try:
+            theirs = f_tv()
+        except (RuntimeError, NotImplementedError):
+            # torchvision has no kernel for this dtype on this device: a user would convert
+            # the maps to float32 on every call and the result back, so that is what we time.
+            w32 = workloads.make(name, torch.float32)
+            w32.maps = [m.to(device) for m in w.maps]
+            w32.boxes = w.boxes
+            inner = torchvision_fn(w32)
+            maps16 = w.maps
+
+            def f_tv():
+                w32.maps = [m.float() for m in maps16]
+                return inner().to(dtype)
+
+            theirs, via = f_tv(), " (via float32)"
+    diff = None
+    if theirs is not None:
+        diff = (mine.float() - theirs.float()).abs().max().item() if mine.numel() else 0.0
+    t_ours = median_ms(f_ours, device, repeat)
+    t_tv = median_ms(f_tv, device, repeat) if f_tv is not None else None
+    floor = floor_ms(w, dtype, bandwidth, fma_rate)
+    return dict(
+        workload=name,
+        op=w.op,
+        contender=("torchvision" + via) if f_tv is not None else None,
+        dtype=dname,
+        device=device,
+        threads=threads,
+        ours_ms=t_ours,
+        torchvision_ms=t_tv,
+        speedup=(t_tv / t_ours) if t_tv is not None else None,
+        floor_ms=floor,
+        over_floor=t_ours / floor,
+        max_abs_diff=diff,
+    )
+
+
+def table_row(r: dict) -> str:
+    if r["torchvision_ms"] is None:
+        tv, speedup, diff = "n/a (no such op)", "n/a", "n/a"
+    else:
+        tv = f"{r['torchvision_ms']:.2f}{r['contender'][len('torchvision'):]}"
+        speedup, diff = f"{r['speedup']:.1f}x", f"{r['max_abs_diff']:.2g}"
+    return (
+        f"| {r['workload']} | {r['op']} | {r['dtype']} | {r['device']} | {r['threads']} | {r['ours_ms']:.2f} | "
+        f"{tv} | {speedup} | {r['floor_ms']:.2f} | {r['over_floor']:.1f} | {diff} |"
+    )
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads for both contenders")
-    parser.add_argument("--workloads", nargs="+", default=list(workloads.NAMES), choices=workloads.NAMES)
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "float16"], choices=list(DTYPES))
-    parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--json", type=Path, help="also write the rows as JSON")
-    parser.add_argument("--plot", type=Path, help="write a bar chart of the speed-ups (PNG)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for both contenders (default 2)")
+    names = list(workloads.NAMES) + list(workloads.EXTRA_NAMES)
+    parser.add_argument(
+        "--workloads",
+        nargs="+",
+        default=list(workloads.NAMES),
+        choices=names,
+        metavar="NAME",
+        help=f"workloads to run (default: the standard ones). Choices: {', '.join(names)}",
+    )
+    parser.add_argument(
+        "--extras", action="store_true", help=f"also run the extra workloads ({', '.join(workloads.EXTRA_NAMES)})"
+    )
+    parser.add_argument(
+        "--dtypes", nargs="+", default=["float32", "float16"], choices=list(DTYPES), help="default: float32 float16"
+    )
+    parser.add_argument("--repeat", type=int, default=7, help="timed runs per contender; the median is reported")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
+    parser.add_argument("--plot", type=Path, help="write a bar chart of the speed-ups (PNG) to this file")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     device = args.device
+    chosen = list(dict.fromkeys(args.workloads + (list(workloads.EXTRA_NAMES) if args.extras else [])))
+    groups = [
+        ("standard workloads (WORKLOADS.md)", [n for n in chosen if n in workloads.NAMES]),
+        ("extra workloads (not in WORKLOADS.md; built on single-level)", [n for n in chosen if n in workloads.EXTRA_NAMES]),
+    ]
+    total = len(chosen) * len(args.dtypes)
+    print("measuring the copy bandwidth and multiply-add rate ...", file=sys.stderr, flush=True)
     bandwidth, fma_rate = machine_rates(device)
     print(
         f"# device={device} ({platform.processor() or platform.machine()}), threads={torch.get_num_threads()}, "
@@ -141,68 +252,29 @@ def main(argv=None) -> int:
         flush=True,
     )
     print(f"# copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write), {fma_rate / 1e9:.1f} G multiply-adds/s", flush=True)
-    print("| workload | op | dtype | device | threads | ours ms | torchvision ms | speed-up | floor ms | ours / floor | max abs diff |")
-    print("|---|---|---|---|---|---:|---:|---:|---:|---:|---:|")
     rows = []
-    for name in args.workloads:
-        for dname in args.dtypes:
-            dtype = DTYPES[dname]
-            w = workloads.make(name, dtype)
-            w.maps = [m.to(device) for m in w.maps]
-            w.boxes = w.boxes.to(device)
-            f_ours, f_tv = ours(w), torchvision_fn(w)
-            mine = f_ours()
-            via = ""
-            try:
-                theirs = f_tv()
-            except (RuntimeError, NotImplementedError):
-                # torchvision has no kernel for this dtype on this device: a user would convert
-                # the maps to float32 on every call and the result back, so that is what we time.
-                w32 = workloads.make(name, torch.float32)
-                w32.maps = [m.to(device) for m in w.maps]
-                w32.boxes = w.boxes
-                inner = torchvision_fn(w32)
-                maps16 = w.maps
-
-                def f_tv():
-                    w32.maps = [m.float() for m in maps16]
-                    return inner().to(dtype)
-
-                theirs, via = f_tv(), " (via float32)"
-            diff = (mine.float() - theirs.float()).abs().max().item() if mine.numel() else 0.0
-            t_ours = median_ms(f_ours, device, args.repeat)
-            t_tv = median_ms(f_tv, device, args.repeat)
-            floor = floor_ms(w, dtype, bandwidth, fma_rate)
-            row = dict(
-                workload=name,
-                op=w.op,
-                contender="torchvision" + via,
-                dtype=dname,
-                device=device,
-                threads=torch.get_num_threads(),
-                ours_ms=t_ours,
-                torchvision_ms=t_tv,
-                speedup=t_tv / t_ours,
-                floor_ms=floor,
-                over_floor=t_ours / floor,
-                max_abs_diff=diff,
-            )
-            rows.append(row)
-            tv_cell = f"{t_tv:.2f}{via}"
-            print(
-                f"| {name} | {w.op} | {dname} | {device} | {row['threads']} | {t_ours:.2f} | {tv_cell} | "
-                f"{row['speedup']:.1f}x | {floor:.2f} | {row['over_floor']:.1f} | {diff:.2g} |",
-                flush=True,
-            )
+    done = 0
+    for title, group in groups:
+        if not group:
+            continue
+        print(f"\n## {title}\n\n{HEADER}", flush=True)
+        for name in group:
+            for dname in args.dtypes:
+                done += 1
+                print(f"[{done}/{total}] {name} {dname} ...", file=sys.stderr, flush=True)
+                row = measure(name, dname, device, args.repeat, torch.get_num_threads(), bandwidth, fma_rate)
+                rows.append(row)
+                print(table_row(row), flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
+        print(f"# rows: {args.json}")
     if args.plot:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        ok = rows
+        ok = [r for r in rows if r["speedup"] is not None]
         fig, ax = plt.subplots(figsize=(9, 0.45 * len(ok) + 1.5))
         labels = [f"{r['workload']} {r['dtype']}" for r in ok]
         ax.barh(labels, [r["speedup"] for r in ok], color="tab:blue")

@@ -2,6 +2,15 @@
 
 Shared by the kernel benchmark and the service benchmarks so that every tool measures the
 same thing.
+
+WORKLOADS.md gives no shape for the position-sensitive ops or for rotated boxes, so three
+extra workloads (``EXTRA_NAMES``, named ``extra-*`` so that no table mistakes them for standard
+ones) reuse ``single-level``'s images, map size, stride and box draw:
+
+* ``extra-ps-align`` / ``extra-ps-pool``: R-FCN's score maps for 21 classes (VOC) on a 7 x 7
+  grid, 21 * 49 = 1029 channels; ps_roi_align (sampling_ratio 2) / ps_roi_pool, 7 x 7.
+* ``extra-rotated``: the 256-channel map; each box keeps its centre and size and gets an angle
+  uniform in [-90, 90) degrees; roi_align_rotated 7 x 7, sampling_ratio 2, aligned.
 """
 
 from __future__ import annotations
@@ -15,9 +24,11 @@ import torch
 @dataclass
 class Workload:
     name: str
-    op: str  # roi_align | roi_pool | multiscale_roi_align | ragged_roi_align
+    # roi_align | roi_pool | multiscale_roi_align | ragged_roi_align (standard);
+    # ps_roi_align | ps_roi_pool | roi_align_rotated (extra)
+    op: str
     maps: list  # list of Tensor: [N, C, H, W] (one map or FPN levels) or [C, H, W] (ragged)
-    boxes: torch.Tensor  # Tensor[K, 5] in image pixels
+    boxes: torch.Tensor  # Tensor[K, 5] in image pixels; Tensor[K, 6] (cx, cy, w, h, angle) if rotated
     output_size: tuple[int, int]
     spatial_scale: float = 1.0  # single-map and ragged ops
     sampling_ratio: int = 2
@@ -33,11 +44,18 @@ class Workload:
         m = self.maps[0]
         return int(m.shape[-3])
 
+    @property
+    def channels_out(self) -> int:
+        """Channels of the output: the input's, or C / (PH * PW) for the position-sensitive ops."""
+        if self.op.startswith("ps_"):
+            return self.channels // (self.output_size[0] * self.output_size[1])
+        return self.channels
+
     def input_bytes(self) -> int:
         return sum(m.numel() * m.element_size() for m in self.maps) + self.boxes.numel() * 4
 
     def output_elements(self) -> int:
-        return self.num_boxes * self.channels * self.output_size[0] * self.output_size[1]
+        return self.num_boxes * self.channels_out * self.output_size[0] * self.output_size[1]
 
 
 def draw_boxes(gen: torch.Generator, num: int, image_sizes: list[tuple[int, int]]) -> torch.Tensor:
@@ -62,10 +80,12 @@ def _randn(gen, *shape, dtype):
 
 
 NAMES = ("tiny", "single-level", "single-level-pool", "c4-small", "fpn-det", "fpn-mask", "ragged-8")
+EXTRA_NAMES = ("extra-ps-align", "extra-ps-pool", "extra-rotated")
 
 
 def make(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> Workload:
-    """Builds the named workload (``single-level-pool`` is single-level's roi_pool half)."""
+    """Builds the named workload (``single-level-pool`` is single-level's roi_pool half; the
+    ``extra-*`` workloads are described in the module docstring)."""
     gen = torch.Generator().manual_seed(seed)
     if name == "tiny":
         return Workload(
@@ -107,13 +127,25 @@ def make(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> Worklo
         boxes = torch.cat([draw_boxes(gen, 256, [s]) for s in sizes])
         boxes[:, 0] = torch.arange(8).repeat_interleave(256).float()
         return Workload(name, "ragged_roi_align", maps, boxes, (7, 7), 1 / 16)
-    raise ValueError(f"unknown workload {name!r}; known: {', '.join(NAMES)}")
+    if name in EXTRA_NAMES:
+        sizes = [(800, 1088)] * 2
+        if name == "extra-rotated":
+            maps = [_randn(gen, 2, 256, 50, 68, dtype=dtype)]
+            b = draw_boxes(gen, 512, sizes).double()
+            angle = torch.rand(512, generator=gen, dtype=torch.float64) * 180 - 90
+            cx, cy = (b[:, 1] + b[:, 3]) / 2, (b[:, 2] + b[:, 4]) / 2
+            rois = torch.stack([b[:, 0], cx, cy, b[:, 3] - b[:, 1], b[:, 4] - b[:, 2], angle], 1).float()
+            return Workload(name, "roi_align_rotated", maps, rois, (7, 7), 1 / 16)
+        op = "ps_roi_align" if name == "extra-ps-align" else "ps_roi_pool"
+        maps = [_randn(gen, 2, 21 * 49, 50, 68, dtype=dtype)]
+        return Workload(name, op, maps, draw_boxes(gen, 512, sizes), (7, 7), 1 / 16)
+    raise ValueError(f"unknown workload {name!r}; known: {', '.join(NAMES + EXTRA_NAMES)}")
 
 
 def samples_per_box(w: Workload) -> torch.Tensor:
     """Bilinear samples each box takes (for the arithmetic floor), per the op's sampling rule."""
     ph, pw = w.output_size
-    if w.op == "roi_pool":
+    if w.op in ("roi_pool", "ps_roi_pool"):
         return torch.zeros(w.num_boxes)
     if w.sampling_ratio > 0:
         return torch.full((w.num_boxes,), float(w.sampling_ratio**2 * ph * pw))
