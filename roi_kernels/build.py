@@ -1,6 +1,6 @@
 """``roi-kernels-build``: compile the extension ahead of time (for container images).
 
-    roi-kernels-build            # build into the cache folder (or check the cached build) and list the kernels
+    roi-kernels-build            # build into the cache folder (or check it) and list the kernels
     roi-kernels-build --clean    # compile every source afresh, whatever the cache folder holds
 
 Importing ``roi_kernels`` compiles the extension, and this command is part of that package, so
@@ -25,9 +25,8 @@ def registered_kernels(device: str) -> list[str]:
     """The roi_kernels ops with a kernel for ``device`` (``CPU`` or ``CUDA``)."""
     import torch
 
-    names = sorted(
-        {n for n in torch._C._dispatch_get_registrations_for_dispatch_key("") if n.startswith("roi_kernels::")}
-    )
+    registered = torch._C._dispatch_get_registrations_for_dispatch_key("")
+    names = sorted({n for n in registered if n.startswith("roi_kernels::")})
     return [n.split("::")[1] for n in names if torch._C._dispatch_has_kernel_for_dispatch_key(n, device)]
 
 
@@ -66,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             f"in {info.seconds:.1f} s"
         )
     else:
-        what = f"the build of roi_kernels ({flavour}) in {info.directory} is up to date (loaded in {info.seconds:.2f} s)"
+        what = (
+            f"the build of roi_kernels ({flavour}) in {info.directory} is up to date "
+            f"(loaded in {info.seconds:.2f} s)"
+        )
     print(what)
     for device in ("CPU", "CUDA") if info.with_cuda else ("CPU",):
         print(f"{device} kernels: {', '.join(registered_kernels(device)) or 'none'}")

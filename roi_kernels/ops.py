@@ -145,7 +145,9 @@ def roi_align(
     if isinstance(input, Tensor):
         return _ops.roi_align(input, rois, scale, ph, pw, ratio, bool(aligned), pool_mode)
     if not isinstance(input, (list, tuple)):
-        raise TypeError(f"input must be Tensor[N, C, H, W] or a list of Tensor[C, H, W], got {type(input).__name__}")
+        raise TypeError(
+            f"input must be Tensor[N, C, H, W] or a list of Tensor[C, H, W], got {type(input).__name__}"
+        )
     return _ops.roi_align_ragged(list(input), rois, scale, ph, pw, ratio, bool(aligned), pool_mode)
 
 
@@ -204,7 +206,8 @@ def ps_roi_pool(input: Tensor, boxes: BoxesLike, output_size: SizeLike, spatial_
         ``Tensor[K, C_out, PH, PW]``.
     """
     ph, pw = _pair(output_size)
-    return _ops.ps_roi_pool(input, convert_boxes_to_rois(boxes), _float("spatial_scale", spatial_scale), ph, pw)
+    scale = _float("spatial_scale", spatial_scale)
+    return _ops.ps_roi_pool(input, convert_boxes_to_rois(boxes), scale, ph, pw)
 
 
 def roi_align_rotated(
