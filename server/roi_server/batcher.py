@@ -1,14 +1,18 @@
 """Dynamic batching: concurrent compatible requests become one kernel launch.
 
 Requests with the same :attr:`~roi_server.codec.DecodedRequest.key` (op, parameters, dtype,
-channels, and the map sizes where the op needs them equal) join one open group. A group is
-ready to run when it reaches a cap (requests, boxes or map bytes) or when ``max_wait`` has
-passed since its first request. A ready group keeps taking compatible requests until the
-device is free to run it, so batches grow with the load instead of with the timer.
+channels, and the map sizes where the op needs them equal) join one open group. When the
+device has a free slot, the oldest group runs at once with whatever it holds: an idle server
+adds no delay, and under load batches grow from the requests that arrive while the device is
+busy. A group also closes when it reaches a cap (requests, boxes or map bytes). With
+``max_wait`` above zero a group instead waits for that long after its first request (or for
+a cap), trading latency for fuller batches at low load.
 
 The device's worker thread checks each request again when its batch starts: one whose client
-went away or whose deadline passed is not computed. If a batch's launch fails, each of its
-requests is run alone, so that one bad request fails only itself.
+went away or whose deadline passed is not computed. If a batch fails (a request the kernel
+refuses, or the device running out of memory), it is split in halves and each half retried,
+down to single requests: one bad request fails only itself, a batch too large for the device's
+memory is run in parts that fit, and the requests around them stay batched.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ class BatchPolicy:
     max_batch_requests: int = 64
     max_batch_boxes: int = 8192
     max_batch_bytes: int = 256 << 20
-    max_wait_s: float = 0.002
+    max_wait_s: float = 0.0
     max_queue: int = 256
 
 
@@ -80,15 +84,24 @@ class _Group:
 
 
 @dataclass
+class _Piece:
+    """Requests that ran in one launch, or one request whose launch failed."""
+
+    tickets: list[Ticket]
+    launched: Launched | None = None
+    error: BaseException | None = None
+
+
+@dataclass
 class _Outcome:
     """What the worker thread made of a batch."""
 
     live: list[Ticket]
     dead: list[Ticket]
     launch_start: float = 0.0
+    # The whole batch when it launched; None when it failed and was split into ``pieces``.
     launched: Launched | None = None
-    # Per live ticket when the batch failed and its requests ran alone: a result or an error.
-    singles: list[tuple[Launched | None, BaseException | None]] | None = None
+    pieces: list[_Piece] | None = None
 
 
 class DynamicBatcher:
@@ -186,7 +199,9 @@ class DynamicBatcher:
                 assert self._loop is not None
                 group.timer = self._loop.call_later(self.policy.max_wait_s, self._mark_ready, group)
             else:
-                self._mark_ready(group)
+                # Runs as soon as a slot is free; until then it takes the requests that come.
+                assert self._wake is not None
+                self._wake.set()
         group.tickets.append(ticket)
         group.boxes += req.num_boxes
         group.nbytes += req.map_bytes
@@ -231,14 +246,22 @@ class DynamicBatcher:
 
     # -- dispatch -----------------------------------------------------------------------------
 
+    def _next_group(self) -> _Group | None:
+        """The group to run now: the first ready one, or with no ``max_wait`` the oldest open
+        one."""
+        if self._ready:
+            return self._ready.popleft()
+        if self.policy.max_wait_s <= 0 and self._open:
+            return next(iter(self._open.values()))
+        return None
+
     async def _dispatch_forever(self) -> None:
         assert self._wake is not None and self._slots is not None
         while True:
             await self._slots.acquire()
-            while not self._ready:
+            while (group := self._next_group()) is None:
                 self._wake.clear()
                 await self._wake.wait()
-            group = self._ready.popleft()
             if self._open.get(group.key) is group:
                 del self._open[group.key]
             group.dispatched = True
@@ -260,12 +283,13 @@ class DynamicBatcher:
                 assert self.engine.waiter is not None
                 try:
                     await self._loop.run_in_executor(self.engine.waiter, outcome.launched.wait)
-                except Exception as exc:  # noqa: BLE001  (the batch failed on the device: retry alone)
-                    log.warning("batch %d failed on the device (%s); running its requests one by one", batch_id, exc)
+                except Exception as exc:  # noqa: BLE001  (the batch failed on the device: split it)
                     outcome.launched = None
-                    outcome.singles = await self._loop.run_in_executor(self.engine.worker, self._run_singly, outcome.live)
+                    outcome.pieces = await self._loop.run_in_executor(
+                        self.engine.worker, self._split, outcome.live, exc, batch_id
+                    )
             self._resolve(batch_id, outcome)
-        except BaseException as exc:  # noqa: BLE001  (never leave a client waiting)
+        except BaseException as exc:
             if not isinstance(exc, asyncio.CancelledError):
                 log.exception("batch %d: unexpected failure", batch_id)
             for t in tickets:
@@ -286,22 +310,33 @@ class DynamicBatcher:
         try:
             outcome.launched = self.engine.launch([t.req for t in live])
         except Exception as exc:  # noqa: BLE001
-            if len(live) > 1:
-                log.warning("batch of %d failed (%s); running its requests one by one", len(live), kernel_message(exc))
-            outcome.singles = self._run_singly(live)
+            outcome.pieces = self._split(live, exc, None)
         return outcome
 
     # Runs on the worker thread.
-    def _run_singly(self, live: list[Ticket]) -> list[tuple[Launched | None, BaseException | None]]:
-        results: list[tuple[Launched | None, BaseException | None]] = []
-        for t in live:
+    def _split(self, tickets: list[Ticket], exc: BaseException, batch_id: int | None) -> list[_Piece]:
+        """``tickets`` failed together with ``exc``: runs each half again, halving what fails
+        until single requests carry their own errors."""
+        if isinstance(exc, torch.OutOfMemoryError):
+            self.engine.release_cached_memory()
+        if len(tickets) == 1:
+            return [_Piece(tickets, error=exc)]
+        log.warning(
+            "batch %s of %d requests failed (%s); retrying it in halves",
+            batch_id if batch_id is not None else "-",
+            len(tickets),
+            kernel_message(exc),
+        )
+        pieces: list[_Piece] = []
+        half = len(tickets) // 2
+        for part in (tickets[:half], tickets[half:]):
             try:
-                launched = self.engine.launch([t.req])
+                launched = self.engine.launch([t.req for t in part])
                 launched.wait()
-                results.append((launched, None))
-            except Exception as exc:  # noqa: BLE001
-                results.append((None, exc))
-        return results
+                pieces.append(_Piece(part, launched))
+            except Exception as part_exc:  # noqa: BLE001
+                pieces.extend(self._split(part, part_exc, batch_id))
+        return pieces
 
     def _resolve(self, batch_id: int, outcome: _Outcome) -> None:
         for t in outcome.dead:
@@ -318,17 +353,23 @@ class DynamicBatcher:
             for t, out in zip(outcome.live, launched.outputs):
                 self._deliver(t, out, outcome.launch_start, launched.compute_s, batch_id, len(outcome.live), boxes)
             return
-        assert outcome.singles is not None
-        for i, (t, (launched, exc)) in enumerate(zip(outcome.live, outcome.singles)):
-            if launched is None:
-                assert exc is not None
+        assert outcome.pieces is not None
+        first = True
+        for piece in outcome.pieces:
+            if piece.launched is None:
+                assert piece.error is not None and len(piece.tickets) == 1
+                t = piece.tickets[0]
                 if not t.future.done():
-                    t.future.set_exception(_request_error(exc))
+                    t.future.set_exception(_request_error(piece.error))
                 continue
+            launched = piece.launched
             assert launched.outputs is not None
-            self._record_batch(op, 1, t.req.num_boxes, launched.compute_s)
-            sub_id = batch_id if i == 0 else next(self._batch_ids)
-            self._deliver(t, launched.outputs[0], outcome.launch_start, launched.compute_s, sub_id, 1, t.req.num_boxes)
+            boxes = sum(t.req.num_boxes for t in piece.tickets)
+            self._record_batch(op, len(piece.tickets), boxes, launched.compute_s)
+            sub_id = batch_id if first else next(self._batch_ids)
+            first = False
+            for t, out in zip(piece.tickets, launched.outputs):
+                self._deliver(t, out, outcome.launch_start, launched.compute_s, sub_id, len(piece.tickets), boxes)
 
     def _record_batch(self, op: str, requests: int, boxes: int, compute_s: float) -> None:
         m = self.metrics

@@ -279,6 +279,12 @@ class KernelEngine:
             done.record(compute_stream)
         return Launched(reqs, _host_out=host_out, _start=start, _done=done)
 
+    def release_cached_memory(self) -> None:
+        """After running out of device memory: hands the allocator's cached free blocks back,
+        so that the smaller launches that retry the batch start from a clean pool."""
+        if self._is_cuda:
+            torch.cuda.empty_cache()
+
     def memory_allocated(self) -> float:
         return float(torch.cuda.memory_allocated(self.device)) if self._is_cuda else 0.0
 

@@ -28,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         asyncio.run(serve(settings))
-    except Exception as exc:  # noqa: BLE001  (the process's last word)
+    except Exception as exc:
         log.error("the server failed: %s", exc, exc_info=settings.log_level == "debug")
         return 1
     return 0

@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from roi_client._proto.roi.v1 import roi_pb2
 
@@ -26,11 +26,17 @@ from . import __version__
 from .auth import TokenAuthInterceptor
 from .batcher import BatchPolicy, DynamicBatcher
 from .codec import Limits
+from .health import DrainingHealthServicer
 from .metrics import MetricsHTTPServer, ServiceMetrics
 from .service import SERVICE_NAME, RoIService, ServerInfo
 from .settings import Settings
 from .tls import describe as describe_transport
 from .tls import server_credentials
+
+# Stopping: how long the line must be quiet before the transport closes, and the most time
+# spent waiting for that.
+QUIET_S = 0.1
+LINGER_S = 1.0
 
 log = logging.getLogger("roi_server")
 
@@ -88,7 +94,7 @@ class RoIServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = ServiceMetrics()
-        self.health = health.aio.HealthServicer()
+        self.health = DrainingHealthServicer()
         self.service = RoIService(
             Limits(settings.max_boxes, settings.max_output_elements, settings.max_message_bytes),
             self.metrics,
@@ -233,16 +239,26 @@ class RoIServer:
     async def _close_transports(self, grace: float) -> None:
         if self._grpc is None:
             return
-        # stop(grace) refuses new calls at once and waits for the running ones; long-lived
-        # calls such as health Watch streams would hold it for the whole grace period, so it
-        # is cut short as soon as the RoI requests themselves are done.
-        stopping = asyncio.create_task(self._grpc.stop(grace))
+        # First the service itself refuses new requests (UNAVAILABLE, which clients retry
+        # elsewhere) while the accepted ones finish: gRPC's own stop would cancel calls that
+        # had reached the server but not yet a handler. Open PoolStreams stop reading and
+        # answer what they have read; health Watch streams end after sending NOT_SERVING.
+        # Then the transport stops, letting responses still on their way out finish, and
+        # cancelling whatever runs past ``grace``.
+        started = time.monotonic()
+        self.service.begin_shutdown()
         try:
             await asyncio.wait_for(self.service.wait_idle(), timeout=grace)
-        except asyncio.TimeoutError:
-            log.warning("grace period over with requests still running; cancelling them")
-        await self._grpc.stop(0)
-        await stopping
+        except TimeoutError:
+            pass
+        # Calls that were on their way keep arriving for a moment; they too get a clean
+        # UNAVAILABLE, until the line has been quiet for QUIET_S (at most LINGER_S).
+        linger_until = min(started + grace, time.monotonic() + LINGER_S)
+        while time.monotonic() < linger_until and time.monotonic() - self.service.last_arrival < QUIET_S:
+            await asyncio.sleep(QUIET_S / 4)
+        await self._grpc.stop(max(0.0, grace - (time.monotonic() - started)))
+        if not self.service.idle:
+            log.warning("grace period over with requests still running; they were cancelled")
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

@@ -37,6 +37,8 @@ T = TypeVar("T")
 # Messages above this are parsed and serialised on a thread; below it the hop costs more than
 # the work.
 OFF_LOOP_BYTES = 1 << 20
+# A call cancelled this close to its deadline counts as DEADLINE_EXCEEDED, not CANCELLED.
+DEADLINE_SLACK_S = 0.05
 
 
 @dataclass
@@ -67,6 +69,9 @@ class RoIService:
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._closing = asyncio.Event()
+        # time.monotonic() of the last Pool request or stream item.
+        self.last_arrival = 0.0
 
     def set_ready(self, batcher: DynamicBatcher, info: ServerInfo) -> None:
         """Called once the kernels are warmed up; until then requests get UNAVAILABLE."""
@@ -77,6 +82,15 @@ class RoIService:
     async def wait_idle(self) -> None:
         """Returns when no Pool request or stream item is being handled."""
         await self._idle.wait()
+
+    @property
+    def idle(self) -> bool:
+        return self._active == 0
+
+    def begin_shutdown(self) -> None:
+        """Open streams stop reading: each answers the items it has read, then ends with
+        UNAVAILABLE so that its client resends the rest elsewhere."""
+        self._closing.set()
 
     def close(self) -> None:
         self._codec_pool.shutdown(wait=False, cancel_futures=True)
@@ -120,18 +134,34 @@ class RoIService:
             finally:
                 window.release()
 
+        shut_down = False
+
         async def read_all() -> None:
+            nonlocal shut_down
+            closing = asyncio.ensure_future(self._closing.wait())
+            items = requests.__aiter__()
             try:
-                async for raw in requests:
+                while True:
                     # Reading stops while the window is full, and HTTP/2 flow control then
                     # slows the sender, instead of the queue refusing its requests.
                     await window.acquire()
+                    reading = asyncio.ensure_future(items.__anext__())
+                    await asyncio.wait({reading, closing}, return_when=asyncio.FIRST_COMPLETED)
+                    if not reading.done():
+                        reading.cancel()
+                        shut_down = True
+                        break
+                    try:
+                        raw = reading.result()
+                    except StopAsyncIteration:
+                        break
                     task = asyncio.create_task(one(raw))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 if tasks:
                     await asyncio.gather(*tasks, return_exceptions=True)
             finally:
+                closing.cancel()
                 await answers.put(None)
 
         reader = asyncio.create_task(read_all())
@@ -146,6 +176,11 @@ class RoIService:
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
+        if shut_down:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "the server is shutting down; requests of this stream that were not answered were not read",
+            )
 
     async def describe(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         info = self.info
@@ -172,6 +207,7 @@ class RoIService:
         abort with. Counts the request in the metrics whatever it ends in."""
         m = self.metrics
         start = time.perf_counter()
+        self.last_arrival = time.monotonic()
         self._enter()
         m.received_bytes.inc(len(raw))
         op, code, req_id = "unknown", grpc.StatusCode.OK, ""
@@ -179,6 +215,8 @@ class RoIService:
             req = await self._off_loop(len(raw), _parse, raw)
             req_id = req.id
             op = OP_NAMES.get(req.op, "unknown")
+            if self._closing.is_set():
+                raise Unavailable("the server is shutting down")
             if self.batcher is None:
                 raise Unavailable("the server is warming up")
             decoded: DecodedRequest = await self._off_loop(len(raw), decode_request, req, self.limits, self._available)
@@ -189,10 +227,12 @@ class RoIService:
             m.sent_bytes.inc(len(answer))
             return answer
         except asyncio.CancelledError:
-            expired = deadline is not None and time.perf_counter() >= deadline
+            # gRPC cancels the handler when the deadline passes, and its timer may fire a
+            # little before the deadline as read here.
+            expired = deadline is not None and time.perf_counter() >= deadline - DEADLINE_SLACK_S
             code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             raise
-        except Exception as exc:  # noqa: BLE001  (every failure becomes a status; see status_of)
+        except Exception as exc:
             if not isinstance(exc, ServiceError):
                 log.exception("request %r (%s) failed", req_id, op)
             code, message = status_of(exc)

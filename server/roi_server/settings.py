@@ -27,7 +27,7 @@ class Settings:
     device: str = "auto"
     max_batch_boxes: int = 8192
     max_batch_bytes: int = 256 * MiB
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = 0.0
     max_batch_requests: int = 64
     max_queue: int = 256
     max_message_bytes: int = 256 * MiB
@@ -158,7 +158,8 @@ FIELDS: tuple[Field, ...] = (
         "--max-wait-ms",
         "ROI_MAX_WAIT_MS",
         float,
-        "longest a batch waits for more requests after its first one (while the device is idle)",
+        "how long a batch waits for more requests after its first one; 0: it starts as soon as "
+        "the device is free, and batches form from requests that arrive while the device is busy",
     ),
     Field(
         "max_batch_requests",
