@@ -98,6 +98,10 @@ void pack_tile(const at::Tensor& map, int64_t n, int64_t c0, int64_t nc, const W
   }
 }
 
+// Work (channels x (packed cells + each box's cells and bins)) below which run_tiled does not
+// go parallel: about 50-100 us of computation.
+constexpr int64_t kSerialWork = int64_t(1) << 19;
+
 // Runs `box_fn(k, tile, acc)` for every box k and every channel block, where acc is a
 // [bins][B] accumulator the function fills, then writes acc into out[k, c0:c0+B, :, :].
 //   maps:    4-D feature maps [N_m, C, H_m, W_m] (any strides), one dtype
@@ -167,7 +171,22 @@ void run_tiled(
   }
   const int64_t tasks_per_block = static_cast<int64_t>(group_tasks.size());
 
-  at::parallel_for(0, num_blocks * tasks_per_block, 1, [&](int64_t begin, int64_t end) {
+  // Small batches run on the calling thread: waking the pool costs more than it saves, and
+  // far more when the other cores are busy (a server's network threads), since the team
+  // then waits for a thread the OS has not scheduled.
+  int64_t cells = 0;
+  for (const Group& group : groups) {
+    const Window& w = group.window;
+    cells += (w.y1 - w.y0) * (w.x1 - w.x0);
+    for (int64_t k : group.boxes) {
+      const Window& bw = sources[k].window;
+      cells += bins + (bw.empty() ? 0 : (bw.y1 - bw.y0) * (bw.x1 - bw.x0));
+    }
+  }
+  const int64_t num_tasks = num_blocks * tasks_per_block;
+  const int64_t grain = cells * channels < kSerialWork ? num_tasks : 1;
+
+  at::parallel_for(0, num_tasks, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> tile_buf;
     std::vector<acc_t> acc(static_cast<size_t>(bins * B));
     for (int64_t t = begin; t < end; ++t) {
