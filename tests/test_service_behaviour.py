@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -549,6 +550,13 @@ def test_metrics_parse_follow_conventions_and_move(server, seed):
     # named <name>_created; those follow from the metric's own name.
     families = [f for f in text_string_to_metric_families(text) if not f.name.endswith("_created")]
     assert families
+    # The process's own figures, under the names every Prometheus client library uses.
+    process = {f.name: f for f in families if f.name.startswith("process_")}
+    if sys.platform == "linux":
+        rss = process["process_resident_memory_bytes"].samples[0].value
+        assert 10 << 20 < rss < 64 << 30, rss
+        assert process["process_cpu_seconds"].samples[0].value > 0
+    families = [f for f in families if f.name not in process]
     for f in families:
         assert f.name.startswith("roi_"), f.name
         assert not re.search(r"_(ms|milliseconds|microseconds|kb|mb|megabytes)(_|$)", f.name), f.name

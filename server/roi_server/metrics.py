@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
 # From 100 us (a tiny request's queue wait) to 10 s (a large batch on the CPU under load).
 LATENCY_BUCKETS = (
@@ -42,6 +42,8 @@ class ServiceMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # The server process's CPU time, resident memory and open files (process_* on Linux).
+        ProcessCollector(registry=r)
         self.requests = Counter(
             "roi_requests", "Requests answered, by op and gRPC status code.", ["op", "code"], registry=r
         )
