@@ -44,6 +44,11 @@ TORCH_DTYPES: dict[int, torch.dtype] = {
 }
 WIRE_OF_TORCH = {v: k for k, v in TORCH_DTYPES.items()}
 BOX_DTYPES = (roi_pb2.DTYPE_FLOAT32, roi_pb2.DTYPE_FLOAT64)
+# Dense maps and pyramid levels, and ragged per-image maps, by rank.
+MAP_SHAPES = {4: "[N, C, H, W]", 3: "[C, H, W]"}
+
+# No tensor a message can carry spans more bytes (gRPC fails messages of about 1 GiB).
+MAX_TENSOR_BYTES = 1 << 30
 
 # The kernels' own bound (checks.h); more samples per bin than this is refused there too.
 MAX_SAMPLING_RATIO = 1024
@@ -103,16 +108,35 @@ class DecodedRequest:
         return (self.num_boxes, self.out_channels, self.pooled_height, self.pooled_width)
 
 
-def _tensor(msg: roi_pb2.Tensor, name: str, allowed: tuple[int, ...] | None = None) -> torch.Tensor:
+def _shape_text(shape) -> str:
+    dims = [int(s) for s in shape]
+    if len(dims) <= 8:
+        return str(dims)
+    return f"[{', '.join(map(str, dims[:8]))}, ...] ({len(dims)} dimensions)"
+
+
+def _tensor(msg: roi_pb2.Tensor, name: str, rank: int, want: str, allowed: tuple[int, ...] | None = None) -> torch.Tensor:
+    """``msg`` as a tensor sharing the message's bytes. It must have ``rank`` dimensions
+    (``want`` names them for the error message)."""
     if allowed is not None and msg.dtype in wire.WIRE_DTYPES and msg.dtype not in allowed:
         names = ", ".join(wire.dtype_name(d) for d in allowed)
         raise InvalidArgument(f"{name}.dtype", f"must be {names}, got {wire.dtype_name(msg.dtype)}")
+    # Checked before numpy sees the shape: it refuses more than 64 dimensions.
+    if len(msg.shape) != rank:
+        raise InvalidArgument(f"{name}.shape", f"must be {want}, got {_shape_text(msg.shape)}")
     data = msg.data  # each read of a bytes field copies it: read it once
     try:
         words, shape = wire.wire_layout(msg, name, len(data))
     except ValueError as exc:
         field_name, _, problem = str(exc).partition(": ")
         raise InvalidArgument(field_name, problem) from None
+    # An empty tensor (a dimension 0) matches its zero bytes whatever its other dimensions,
+    # and numpy refuses shapes whose size overflows even then.
+    span = words.itemsize
+    for s in shape:
+        span *= max(s, 1)
+    if span > MAX_TENSOR_BYTES:
+        raise InvalidArgument(f"{name}.shape", f"dimensions too large: {list(shape)}")
     arr = wire.decode_words(data, words, shape)
     t = torch.from_numpy(arr)
     if msg.dtype == roi_pb2.DTYPE_BFLOAT16:
@@ -120,10 +144,7 @@ def _tensor(msg: roi_pb2.Tensor, name: str, allowed: tuple[int, ...] | None = No
     return t
 
 
-def _check_map(t: torch.Tensor, name: str, dims: int) -> None:
-    if t.dim() != dims:
-        want = "[N, C, H, W]" if dims == 4 else "[C, H, W]"
-        raise InvalidArgument(f"{name}.shape", f"must be {want}, got {list(t.shape)}")
+def _check_map(t: torch.Tensor, name: str) -> None:
     if any(s <= 0 for s in t.shape):
         raise InvalidArgument(f"{name}.shape", f"sizes must be positive, got {list(t.shape)}")
 
@@ -157,8 +178,8 @@ def _features(req: roi_pb2.PoolRequest, op: str) -> tuple[str, list[torch.Tensor
         raise InvalidArgument("ragged", f"only roi_align takes ragged per-image maps, not {op}")
 
     if kind == "input":
-        t = _tensor(req.input, "input")
-        _check_map(t, "input", 4)
+        t = _tensor(req.input, "input", 4, MAP_SHAPES[4])
+        _check_map(t, "input")
         return "dense", [t], ()
 
     if kind == "ragged":
@@ -167,8 +188,8 @@ def _features(req: roi_pb2.PoolRequest, op: str) -> tuple[str, list[torch.Tensor
         maps = []
         for i, m in enumerate(req.ragged.maps):
             name = f"ragged.maps[{i}]"
-            t = _tensor(m, name)
-            _check_map(t, name, 3)
+            t = _tensor(m, name, 3, MAP_SHAPES[3])
+            _check_map(t, name)
             if maps and t.dtype != maps[0].dtype:
                 raise InvalidArgument(f"{name}.dtype", "must equal ragged.maps[0].dtype")
             if maps and t.shape[0] != maps[0].shape[0]:
@@ -184,8 +205,8 @@ def _features(req: roi_pb2.PoolRequest, op: str) -> tuple[str, list[torch.Tensor
     maps = []
     for i, level in enumerate(pyramid.levels):
         name = f"pyramid.levels[{i}].map"
-        t = _tensor(level.map, name)
-        _check_map(t, name, 4)
+        t = _tensor(level.map, name, 4, MAP_SHAPES[4])
+        _check_map(t, name)
         if maps and t.dtype != maps[0].dtype:
             raise InvalidArgument(f"{name}.dtype", "must equal the dtype of levels[0]")
         if maps and tuple(t.shape[:2]) != tuple(maps[0].shape[:2]):
@@ -224,15 +245,16 @@ def _boxes(req: roi_pb2.PoolRequest, cols: int, acc: torch.dtype) -> torch.Tenso
     if kind is None:
         raise InvalidArgument("boxes", "give rois or per_image")
     if kind == "rois":
-        t = _tensor(req.boxes.rois, "boxes.rois", BOX_DTYPES)
-        if t.dim() != 2 or t.shape[1] != cols + 1:
-            raise InvalidArgument("boxes.rois.shape", f"must be [K, {cols + 1}] (image index first), got {list(t.shape)}")
+        want = f"[K, {cols + 1}] (image index first)"
+        t = _tensor(req.boxes.rois, "boxes.rois", 2, want, BOX_DTYPES)
+        if t.shape[1] != cols + 1:
+            raise InvalidArgument("boxes.rois.shape", f"must be {want}, got {list(t.shape)}")
         return t.to(acc)
     parts = []
     for i, m in enumerate(req.boxes.per_image.boxes):
         name = f"boxes.per_image[{i}]"
-        t = _tensor(m, name, BOX_DTYPES)
-        if t.dim() != 2 or t.shape[1] != cols:
+        t = _tensor(m, name, 2, f"[L, {cols}]", BOX_DTYPES)
+        if t.shape[1] != cols:
             raise InvalidArgument(f"{name}.shape", f"must be [L, {cols}], got {list(t.shape)}")
         t = t.to(acc)
         parts.append(torch.cat([torch.full((t.shape[0], 1), float(i), dtype=acc), t], dim=1))

@@ -9,6 +9,12 @@ from __future__ import annotations
 
 import grpc
 
+# A status message travels in the response's trailers, whose size gRPC clients cap (by
+# default, past 8 KiB they may and past 16 KiB they do refuse them, and the caller sees
+# RESOURCE_EXHAUSTED "received metadata size exceeds ..." instead of the server's words).
+# Messages quote request values (shapes, scales), so they are cut to this length.
+MAX_MESSAGE_CHARS = 1024
+
 
 class ServiceError(Exception):
     """An error with the status code and the message the client receives."""
@@ -66,5 +72,8 @@ def kernel_message(exc: BaseException) -> str:
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """What a client is told about ``exc``."""
     if isinstance(exc, ServiceError):
-        return exc.code, exc.message
+        message = exc.message
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[: MAX_MESSAGE_CHARS - 3] + "..."
+        return exc.code, message
     return grpc.StatusCode.INTERNAL, "internal error (logged by the server)"
