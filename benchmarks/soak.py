@@ -12,7 +12,8 @@ once a second.
 
 At the end, after the warm-up (--warmup seconds, not judged):
   - throughput drift: the mean of the last windows against the mean of the first ones (a
-    quarter of the windows each, at most 3), and the least-squares slope;
+    quarter of the windows each, at most 3), and the least-squares slope; the same drift of
+    requests per server CPU-second, which the server's share of a shared machine moves less;
   - errors, by code;
   - RSS: the first and last samples, and the least-squares slope in MB/min with the growth it
     fits over the judged span.
@@ -286,7 +287,30 @@ def fit_line(t_s: list[float], y: list[float]) -> tuple[float, float] | None:
     return float(slope), float(intercept)
 
 
+def add_server_cpu(windows: list, samples: list) -> None:
+    """Each window's server CPU use (cores) and requests per server CPU-second, from the CPU
+    time sampled inside it. On a shared machine the server's share of the CPU moves the raw
+    throughput; requests per CPU-second move far less."""
+    for w in windows:
+        inside = [s for s in samples if w["t_start"] <= s["t"] <= w["t_end"] and s["cpu_seconds"] is not None]
+        w["server_cores"] = w["requests_per_cpu_s"] = None
+        if len(inside) >= 2 and inside[-1]["t"] > inside[0]["t"]:
+            a, b = inside[0], inside[-1]
+            cores = (b["cpu_seconds"] - a["cpu_seconds"]) / (b["t"] - a["t"])
+            w["server_cores"] = cores
+            w["requests_per_cpu_s"] = w["throughput_rps"] / cores if cores > 0 else None
+
+
+def _first_last(values: list, k: int) -> tuple[float | None, float | None, float | None]:
+    """Means of the first and last ``k`` values, and the drift between them in percent."""
+    if not values or any(v is None for v in values[:k] + values[-k:]):
+        return None, None, None
+    first, last = float(np.mean(values[:k])), float(np.mean(values[-k:]))
+    return first, last, (100.0 * (last - first) / first if first else None)
+
+
 def summarize_soak(args, windows: list, samples: list) -> dict:
+    add_server_cpu(windows, samples)
     judged = [w for w in windows if not w["warmup"]]
     if not judged:  # a run shorter than its warm-up: judge what there is
         judged = list(windows)
@@ -308,6 +332,8 @@ def summarize_soak(args, windows: list, samples: list) -> dict:
     fit = fit_line(mids, [w["throughput_rps"] for w in judged])
     mean = tput["mean_rps"]
     tput["slope_pct_per_min"] = 100.0 * fit[0] / mean if fit is not None and mean else None
+    first_eff, last_eff, drift_eff = _first_last([w["requests_per_cpu_s"] for w in judged], k)
+    tput.update(first_per_cpu_s=first_eff, last_per_cpu_s=last_eff, drift_per_cpu_s_pct=drift_eff)
 
     errors: dict[str, int] = {}
     for w in windows:
@@ -344,13 +370,16 @@ def summarize_soak(args, windows: list, samples: list) -> dict:
 
 
 def table(windows: list) -> str:
-    header = ["window", "t s", "req/s", "ok", "errors", "p50 ms", "p99 ms", "RSS MB"]
+    header = ["window", "t s", "req/s", "ok", "errors", "p50 ms", "p99 ms", "server cores", "req/CPU-s",
+              "RSS MB"]
     rows = [header]
     for w in windows:
         errs = sum(w["errors"].values())
         rows.append([
             f"{w['index']}{'*' if w['warmup'] else ''}", f"{w['t_end']:.0f}", f"{w['throughput_rps']:.1f}",
             str(w["ok"]), str(errs), _ms(w["latency_ms"]["p50"]), _ms(w["latency_ms"]["p99"]),
+            _ms(w.get("server_cores")),
+            "-" if w.get("requests_per_cpu_s") is None else f"{w['requests_per_cpu_s']:.0f}",
             "-" if w["rss_bytes"] is None else f"{w['rss_bytes'] / MB:.1f}",
         ])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -369,6 +398,11 @@ def report_lines(args, summary: dict, rss_source: str | None) -> list[str]:
             f"{t['windows_averaged']} of {t['windows_judged']} windows after the {args.warmup:g} s warm-up): "
             f"drift {t['drift_pct']:+.1f} %; slope {'-' if slope is None else f'{slope:+.2f}'} %/min; "
             f"range {t['min_rps']:.1f}-{t['max_rps']:.1f}")
+    if t.get("drift_per_cpu_s_pct") is not None:
+        out.append(
+            f"requests per server CPU-second: first {t['first_per_cpu_s']:.0f}, "
+            f"last {t['last_per_cpu_s']:.0f}: "
+            f"drift {t['drift_per_cpu_s_pct']:+.1f} % (the server's share of a shared CPU left out)")
     errs = summary["errors"]
     out.append("errors: " + (", ".join(f"{c} {n}" for c, n in sorted(errs.items())) if errs else "none"))
     r = summary["rss"]
@@ -408,6 +442,15 @@ def plot(path: Path, doc: dict) -> None:
     ax.plot(mid, [w["throughput_rps"] for w in windows], "o-", ms=3, label="throughput")
     ax.set_ylabel("requests/s")
     ax.set_ylim(bottom=0)
+    cores = [w.get("server_cores") for w in windows]
+    if any(c is not None for c in cores):
+        twin = ax.twinx()
+        twin.plot(mid, [math.nan if c is None else c for c in cores], "s--", ms=2, lw=1, color="grey",
+                  label="server CPU (cores)")
+        twin.set_ylabel("server CPU (cores)")
+        twin.set_ylim(bottom=0)
+        lines = ax.get_lines() + twin.get_lines()
+        ax.legend(lines, [x.get_label() for x in lines], loc="lower right", fontsize=8)
     ax = axes[1]
     for key, style in (("p50", "o-"), ("p99", "^-")):
         values = [w["latency_ms"][key] for w in windows]

@@ -53,6 +53,9 @@ def test_short_soak_reports_windows_memory_and_plot(tmp_path):
         assert w["throughput_rps"] > 0
         assert 0 < w["latency_ms"]["p50"] <= w["latency_ms"]["p99"] <= w["latency_ms"]["max"]
         assert w["verify"] == {"checked": 1, "mismatches": 0}
+        # The server's CPU use inside the window (it has at most this host's cores).
+        assert 0 < w["server_cores"] <= os.cpu_count() * 1.2
+        assert w["requests_per_cpu_s"] == pytest.approx(w["throughput_rps"] / w["server_cores"])
 
     # The server's resident memory, about four times a second, and its own counts.
     assert len(samples) >= 30
@@ -70,6 +73,9 @@ def test_short_soak_reports_windows_memory_and_plot(tmp_path):
     assert t["first_rps"] == pytest.approx(sum(w["throughput_rps"] for w in judged[:k]) / k)
     assert t["last_rps"] == pytest.approx(sum(w["throughput_rps"] for w in judged[-k:]) / k)
     assert t["drift_pct"] == pytest.approx(100 * (t["last_rps"] - t["first_rps"]) / t["first_rps"])
+    first_eff = sum(w["requests_per_cpu_s"] for w in judged[:k]) / k
+    assert t["first_per_cpu_s"] == pytest.approx(first_eff)
+    assert t["drift_per_cpu_s_pct"] == pytest.approx(100 * (t["last_per_cpu_s"] - first_eff) / first_eff)
     rss = summary["rss"]
     judged_rss = [s["rss_bytes"] for s in samples if s["t"] >= judged[0]["t_start"]]
     assert rss["first_mb"] == pytest.approx(judged_rss[0] / 1e6)
@@ -81,7 +87,8 @@ def test_short_soak_reports_windows_memory_and_plot(tmp_path):
     assert summary["errors"] == {} and summary["problems"] == []
 
     # The table and the verdict on stdout, progress on stderr.
-    assert "drift" in proc.stdout and "MB/min" in proc.stdout and "result: PASS" in proc.stdout
+    assert "drift" in proc.stdout and "MB/min" in proc.stdout and "per server CPU-second" in proc.stdout
+    assert "result: PASS" in proc.stdout
     assert proc.stdout.count("\n") >= len(windows) + 4
     assert "req/s" in proc.stderr and "(warm-up)" in proc.stderr
 
