@@ -115,7 +115,9 @@ def _shape_text(shape) -> str:
     return f"[{', '.join(map(str, dims[:8]))}, ...] ({len(dims)} dimensions)"
 
 
-def _tensor(msg: roi_pb2.Tensor, name: str, rank: int, want: str, allowed: tuple[int, ...] | None = None) -> torch.Tensor:
+def _tensor(
+    msg: roi_pb2.Tensor, name: str, rank: int, want: str, allowed: tuple[int, ...] | None = None
+) -> torch.Tensor:
     """``msg`` as a tensor sharing the message's bytes. It must have ``rank`` dimensions
     (``want`` names them for the error message)."""
     if allowed is not None and msg.dtype in wire.WIRE_DTYPES and msg.dtype not in allowed:
