@@ -17,6 +17,11 @@ At the end, after the warm-up (--warmup seconds, not judged):
   - errors, by code;
   - RSS: the first and last samples, and the least-squares slope in MB/min with the growth it
     fits over the judged span.
+Large requests take minutes to reach a steady RSS: the kernels' output cache
+(ROI_KERNELS_OUTPUT_CACHE_MB, 512 MB by default) and the allocator's pools fill first. With
+single-level (7 MB requests) the server's RSS rose for about two minutes, then stayed level;
+give such runs a warm-up of that length.
+
 A table goes to stdout, progress to stderr, the figures to --json and a plot (throughput,
 latency, RSS over time) to --plot. The exit status is 1 when an error other than the
 --allow-errors codes occurred, when the fitted RSS growth exceeds --max-rss-growth-mb, when a
