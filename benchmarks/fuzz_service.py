@@ -32,8 +32,10 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import urllib.request
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,10 +146,18 @@ def health_status(channel: grpc.Channel) -> str:
 # Cases
 
 
-def generate(count: int, first_seed: int, share: float, out: queue.Queue, stop: threading.Event) -> None:
+def generate(
+    count: int,
+    first_seed: int,
+    share: float,
+    out: queue.Queue,
+    stop: threading.Event,
+    failed: Callable[[str], None],
+) -> None:
     """Puts ``count`` cases on ``out`` (single cases, and lists of up to STREAM_GROUP for a
     stream), then None. Hypothesis draws them under ``first_seed`` (and the seeds after it if
-    one run yields fewer examples than asked), so a seed gives the same cases every time."""
+    one run yields fewer examples than asked), so a seed gives the same cases every time. A
+    failure to draw is passed to ``failed`` and ends the run."""
     picker = random.Random(first_seed)
     made = 0
     group: list[FuzzCase] = []
@@ -160,40 +170,45 @@ def generate(count: int, first_seed: int, share: float, out: queue.Queue, stop: 
             except queue.Full:
                 pass
 
-    run_seed = first_seed
-    while made < count and not stop.is_set():
-        before = made
+    try:
+        run_seed = first_seed
+        while made < count and not stop.is_set():
+            before = made
 
-        @seed(run_seed)
-        @settings(
-            max_examples=count - made,
-            database=None,
-            deadline=None,
-            phases=[Phase.generate],
-            suppress_health_check=list(HealthCheck),
-        )
-        @given(pool_requests())
-        def draw(case: FuzzCase) -> None:
-            nonlocal made, group
-            if made >= count or stop.is_set():
-                return
-            made += 1
-            # A message over the server's limit ends a whole stream (gRPC's status): unary only.
-            if picker.random() < share and "oversized" not in case.kinds:
-                group.append(case)
-                if len(group) == STREAM_GROUP:
-                    put(group)
-                    group = []
-            else:
-                put(case)
+            @seed(run_seed)
+            @settings(
+                max_examples=count - made,
+                database=None,
+                deadline=None,
+                phases=[Phase.generate],
+                suppress_health_check=list(HealthCheck),
+            )
+            @given(pool_requests())
+            def draw(case: FuzzCase) -> None:
+                nonlocal made, group
+                if made >= count or stop.is_set():
+                    return
+                made += 1
+                # A message over the server's limit ends a whole stream (gRPC's status): unary only.
+                if picker.random() < share and "oversized" not in case.kinds:
+                    group.append(case)
+                    if len(group) == STREAM_GROUP:
+                        put(group)
+                        group = []
+                else:
+                    put(case)
 
-        draw()
-        run_seed += 1
-        if made == before:
-            break
-    if group:
-        put(group)
-    put(None)
+            draw()
+            run_seed += 1
+            if made == before:
+                break
+        if group:
+            put(group)
+    except Exception:  # noqa: BLE001  (a fault of the case generator: reported, and the run ends)
+        failed(f"drawing case {made + 1} failed:\n{traceback.format_exc()}")
+        stop.set()
+    finally:
+        out.put(None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,7 +433,9 @@ def main() -> int:
         if health_status(channel) != "SERVING":
             raise RuntimeError(f"the server is not SERVING before the run: {health_status(channel)}")
         producer = threading.Thread(
-            target=generate, args=(args.cases, run_seed, args.stream_share, work, stop), daemon=True
+            target=generate,
+            args=(args.cases, run_seed, args.stream_share, work, stop, tally.problem),
+            daemon=True,
         )
         producer.start()
         streams = iter(range(1 << 62))

@@ -615,7 +615,7 @@ def _m_box_columns(draw, d: _Draft) -> str | None:
     if not boxes:
         return None
     for _, msg in boxes:
-        cols = msg.shape[1] + draw(st.sampled_from([-1, 1, 2]))
+        cols = max(msg.shape[1] + draw(st.sampled_from([-1, 1, 2])), 0)
         msg.CopyFrom(_encode_boxes(np.zeros((msg.shape[0], cols)), msg.dtype))
     return "box_columns"
 
