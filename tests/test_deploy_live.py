@@ -297,9 +297,11 @@ def test_round_robin_spreads_calls_and_survives_a_server_stopping(servers):
 
         stopped, survivors = group[1], [group[0], group[2]]
         mark = [s.requests_counted() for s in survivors]
-        # Calls go on while the server drains and after it has gone, bounded in count and time.
+        # Calls go on while the server drains and after it has gone, bounded in time. A
+        # draining server answers its share of them UNAVAILABLE (the client retries them on
+        # another) for up to LINGER_S after its last accepted request, then closes.
         calls, after_exit, deadline = 0, 0, time.monotonic() + 30
-        while after_exit < 20 and calls < 400 and time.monotonic() < deadline:
+        while after_exit < 20 and time.monotonic() < deadline:
             if calls == 10:
                 # SIGTERM drains: the server refuses new calls and the client must move on.
                 stopped.proc.send_signal(signal.SIGTERM)
@@ -311,7 +313,7 @@ def test_round_robin_spreads_calls_and_survives_a_server_stopping(servers):
                 failures.append(f"call {calls}: {exc!r}")
             calls += 1
         assert not failures, "calls failed while one server stopped:\n" + "\n".join(failures)
-        assert after_exit == 20, f"the stopped server had not exited after {calls} calls"
+        assert after_exit == 20, f"the stopped server had not exited after {calls} calls in 30 s"
         assert stopped.proc.wait(timeout=60) == 0, "a drained server exits 0"
         after = [s.requests_counted() for s in survivors]
         assert all(a > m for a, m in zip(after, mark)), "both remaining servers keep getting calls"
