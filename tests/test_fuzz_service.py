@@ -38,6 +38,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from roi_client._proto.roi.v1 import roi_pb2
+from roi_server.codec import peek_header
 from test_service_support import assert_bitwise_equal, in_process_server, make_case, registry_value
 
 # A call that takes longer has hung (the largest fuzzed request computes in milliseconds).
@@ -255,6 +256,17 @@ FOUND = [
         ["pyramid.levels[1].spatial_scale", "consecutive powers of 1/2"],
     ),
 ]
+
+
+@FUZZ
+@given(case=pool_requests())
+def test_header_peek_agrees_with_the_parser(case: FuzzCase):
+    """A full queue refuses a request before parsing it, counting it under the op read by
+    ``peek_header``: on every message protobuf parses, that is protobuf's id and op."""
+    if case.request is None:
+        return
+    req_id, op = peek_header(case.payload)
+    assert (req_id, op) == (case.request.id, case.request.op)
 
 
 @pytest.mark.parametrize("name, op, edit, words", FOUND, ids=[f[0] for f in FOUND])

@@ -422,6 +422,7 @@ def device_busy(srv, gen, seconds: float) -> Iterator[tuple[grpc.Future, object,
 def test_full_queue_is_resource_exhausted_and_recovers(tight, seed):
     gen = torch.Generator().manual_seed(seed)
     reqs = [small_request(gen, f"q{i}") for i in range(8)]
+    refused_before = registry_value(tight, "roi_requests_total", op="roi_align", code="RESOURCE_EXHAUSTED")
     with device_busy(tight, gen, 1.0) as (slow_future, _, log, channel):
         futures = [raw_pool(channel).future(r.payload, timeout=60) for r, _ in reqs]
         # Refusals come at once, while the slow request still holds the device.
@@ -429,6 +430,9 @@ def test_full_queue_is_resource_exhausted_and_recovers(tight, seed):
         while sum(f.done() for f in futures) < 5:
             assert time.monotonic() < deadline, "no prompt refusals"
             time.sleep(0.005)
+        with pytest.raises(grpc.RpcError) as garbage:
+            raw_pool(channel)(b"\xff\xff\xff not a request", timeout=10)
+        assert garbage.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, garbage.value.details()
         assert not slow_future.done(), "the device was free: the test shows nothing"
         outcomes = []
         for f in futures:
@@ -448,6 +452,11 @@ def test_full_queue_is_resource_exhausted_and_recovers(tight, seed):
         assert_bitwise_equal(np.frombuffer(out.data, np.float32).reshape(list(out.shape)), want.numpy())
     refused_ids = {r.id for (r, _), o in zip(reqs, outcomes) if isinstance(o, grpc.RpcError)}
     assert not refused_ids & log.launched()
+    # A full queue refuses before the message is parsed (a refusal must cost far less than an
+    # answer): even bytes that are no PoolRequest get RESOURCE_EXHAUSTED, and the refusals
+    # above were still counted under their op, read from the message's header.
+    refused_op = registry_value(tight, "roi_requests_total", op="roi_align", code="RESOURCE_EXHAUSTED")
+    assert refused_op == refused_before + 5
     assert registry_value(tight, "roi_queue_depth") == 0
     # Recovered: a burst the queue can hold is served.
     with RoIClient(tight.address, timeout=60) as client:

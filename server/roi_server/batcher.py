@@ -152,13 +152,21 @@ class DynamicBatcher:
 
     # -- submission ---------------------------------------------------------------------------
 
+    @property
+    def full(self) -> bool:
+        return self._depth >= self.policy.max_queue
+
+    def refuse_if_full(self) -> None:
+        """Raises QueueFull when ``max_queue`` requests wait already."""
+        if self.full:
+            raise QueueFull(f"queue full ({self.policy.max_queue} requests waiting); retry later")
+
     async def submit(self, req: DecodedRequest, timeout_s: float | None = None) -> BatchResult:
         """Queues ``req`` and returns its result. ``timeout_s`` is the time left before the
         client's deadline (None: no deadline)."""
         if self._closed or self._loop is None:
             raise Unavailable("the server is shutting down")
-        if self._depth >= self.policy.max_queue:
-            raise QueueFull(f"queue full ({self.policy.max_queue} requests waiting); retry later")
+        self.refuse_if_full()
         now = time.perf_counter()
         ticket = Ticket(
             req=req,

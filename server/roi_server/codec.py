@@ -36,6 +36,57 @@ OP_NAMES: dict[int, str] = {
 }
 ALL_OPS = tuple(OP_NAMES.values())
 
+
+def peek_header(raw: bytes) -> tuple[str, int]:
+    """The ``id`` and ``op`` of a serialised PoolRequest, read from its top-level fields
+    without parsing it: a request refused before it is parsed (a full queue) costs no copy of
+    its tensors, and is still counted under its op. Damaged bytes give what was read before
+    the damage (``("", 0)`` at worst); parsing then reports them. At most 64 fields are read:
+    a PoolRequest has eight, and random bytes must not cost a loop over every byte."""
+    view = memoryview(raw)
+    n, pos = len(view), 0
+    req_id, op = "", 0
+
+    def varint() -> int:
+        nonlocal pos
+        value, shift = 0, 0
+        while pos < n and shift < 64:
+            byte = view[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return value
+            shift += 7
+        raise ValueError("truncated varint")
+
+    try:
+        for _ in range(64):
+            if pos >= n:
+                break
+            key = varint()
+            number, wire_type = key >> 3, key & 7
+            if wire_type == 0:
+                value = varint()
+                if number == 2:
+                    op = value & 0xFFFFFFFF  # an enum is an int32 on the wire
+                    op -= (op >> 31) << 32
+            elif wire_type == 2:
+                length = varint()
+                if pos + length > n:
+                    break
+                if number == 1:
+                    req_id = bytes(view[pos : pos + length]).decode("utf-8", "replace")
+                pos += length
+            elif wire_type == 1:
+                pos += 8
+            elif wire_type == 5:
+                pos += 4
+            else:
+                break
+    except ValueError:
+        pass
+    return req_id, op
+
 TORCH_DTYPES: dict[int, torch.dtype] = {
     roi_pb2.DTYPE_FLOAT32: torch.float32,
     roi_pb2.DTYPE_FLOAT16: torch.float16,

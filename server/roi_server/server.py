@@ -37,6 +37,8 @@ from .tls import server_credentials
 # spent waiting for that.
 QUIET_S = 0.1
 LINGER_S = 1.0
+# Calls arrived but not yet taken by the event loop (see grpc_options).
+MAX_PENDING_CALLS = 20_000
 
 log = logging.getLogger("roi_server")
 
@@ -62,6 +64,13 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", 20_000),
         # A port held by another process is an error, not a silent second listener.
         ("grpc.so_reuseport", 0),
+        # Calls the transport holds until the event loop takes them (a burst of small requests
+        # outruns the loop). Past gRPC's default (1,000, with random early drops up to 3,000)
+        # it cancels them: CANCELLED, which clients do not retry and which says nothing of
+        # overload. Here they wait instead, bounded by their deadlines and by max_queue once
+        # the loop reaches them.
+        ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
     ]
     if settings.max_connection_age_s > 0:
         options += [

@@ -25,7 +25,7 @@ from google.protobuf.message import DecodeError
 from roi_client._proto.roi.v1 import roi_pb2
 
 from .batcher import BatchResult, DynamicBatcher
-from .codec import OP_NAMES, WIRE_OF_TORCH, DecodedRequest, Limits, decode_request, encode_output
+from .codec import OP_NAMES, WIRE_OF_TORCH, DecodedRequest, Limits, decode_request, encode_output, peek_header
 from .errors import InvalidArgument, ServiceError, Unavailable, status_of
 from .metrics import ServiceMetrics
 
@@ -212,13 +212,19 @@ class RoIService:
         m.received_bytes.inc(len(raw))
         op, code, req_id = "unknown", grpc.StatusCode.OK, ""
         try:
+            if self._closing.is_set() or self.batcher is None or self.batcher.full:
+                # Refused before parsing: under overload a refusal must cost far less than
+                # an answer. The id and op are read from the message's header.
+                req_id, op_number = peek_header(raw)
+                op = OP_NAMES.get(op_number, "unknown")
+                if self._closing.is_set():
+                    raise Unavailable("the server is shutting down")
+                if self.batcher is None:
+                    raise Unavailable("the server is warming up")
+                self.batcher.refuse_if_full()
             req = await self._off_loop(len(raw), _parse, raw)
             req_id = req.id
             op = OP_NAMES.get(req.op, "unknown")
-            if self._closing.is_set():
-                raise Unavailable("the server is shutting down")
-            if self.batcher is None:
-                raise Unavailable("the server is warming up")
             decoded: DecodedRequest = await self._off_loop(len(raw), decode_request, req, self.limits, self._available)
             remaining = None if deadline is None else deadline - time.perf_counter()
             result = await self.batcher.submit(decoded, remaining)
