@@ -41,6 +41,7 @@ import workloads  # noqa: E402
 from wire_floor import WireFloor  # noqa: E402
 
 import roi_kernels  # noqa: E402
+from roi_client import reuse_freed_memory  # noqa: E402
 from roi_client.loadtest import runner, stats  # noqa: E402
 from roi_client.loadtest.senders import open_senders  # noqa: E402
 from roi_client.loadtest.workload import Workload  # noqa: E402
@@ -167,6 +168,9 @@ def main() -> None:
     p.add_argument("--server-args", default="", help="extra flags for both servers, e.g. '--max-wait-ms 1'")
     p.add_argument("--quick", action="store_true", help="1 s windows, 3 repeats (for a smoke run, not for figures)")
     p.add_argument("--json", help="write every figure here")
+    p.add_argument("--malloc", choices=("reuse", "default"), default="reuse",
+                   help="this client's and both servers' glibc malloc (roi_client.reuse_freed_memory); "
+                        "'default' measures a client that leaves it alone")
     args = p.parse_args()
     if args.quick:
         args.duration, args.warmup, args.repeat = 1.0, 0.5, 3
@@ -176,13 +180,15 @@ def main() -> None:
         name, _, values = item.partition("=")
         conc[name] = [int(v) for v in values.split(",")]
     torch.set_num_threads(args.threads)
-    extra = args.server_args.split()
+    extra = ["--malloc", args.malloc, *args.server_args.split()]
+    if args.malloc == "reuse":
+        reuse_freed_memory()
 
     hardware = f"{cpu_name()}, {os.cpu_count()} cores, no GPU" if not torch.cuda.is_available() else cpu_name()
     print(f"# bench_service: {hardware}; torch {torch.__version__}, {args.threads} threads; "
           f"python {platform.python_version()}")
     print(f"# servers and this client share the host's {os.cpu_count()} cores; windows {args.duration:g} s "
-          f"after {args.warmup:g} s warm-up, median of {args.repeat}")
+          f"after {args.warmup:g} s warm-up, median of {args.repeat}; malloc {args.malloc}")
     servers = {"batching": start_server(extra, args.threads),
                "no batching": start_server([*extra, "--max-batch-requests", "1"], args.threads)}
     targets = {name: t for name, (_, t) in servers.items()}

@@ -9,6 +9,7 @@ and out (torch where installed). Imports without torch.
 from .aio import AsyncRoIClient
 from .client import RoIClient
 from .errors import RoIError
+from .memory import reuse_freed_memory
 from .request import EncodedRequest
 from .results import PoolResult, ServerInfo, Timings
 
@@ -23,4 +24,5 @@ __all__ = [
     "ServerInfo",
     "Timings",
     "__version__",
+    "reuse_freed_memory",
 ]

@@ -22,6 +22,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_logging(settings.log_format, settings.log_level)
     log = logging.getLogger("roi_server")
+    if settings.malloc == "reuse":
+        from roi_client.memory import reuse_freed_memory
+
+        reuse_freed_memory()
     # Imported after logging is set up: importing torch and grpc takes a moment, and a failure
     # there should reach the configured log.
     from .server import serve

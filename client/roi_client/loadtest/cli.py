@@ -10,6 +10,7 @@ import sys
 import time
 
 from ..errors import RoIError
+from ..memory import reuse_freed_memory
 from . import report, runner, verify, workload as wl
 from .stats import summarize
 
@@ -98,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="open loop: the most outstanding requests; past it sends wait (and the report says so)")
     load.add_argument("--latency-limit", type=float, metavar="MS", help="stop a sweep once p99 latency exceeds this")
     load.add_argument("--timeout", type=float, default=60.0, help="per-request deadline in seconds (default 60)")
+    load.add_argument("--malloc", choices=("reuse", "default"), default="reuse",
+                      help="reuse (default): glibc keeps large message buffers for the next call "
+                           "(roi_client.reuse_freed_memory; halves this client's share of a call of tens "
+                           "of MB); default: glibc as it is, as in a process that does not set it")
 
     sec = p.add_argument_group("security (as the server is set up)")
     sec.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's root certificates")
@@ -244,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"roi-loadtest: {exc}", file=sys.stderr)
         return 2
     mode, steps = _steps(args)
+    if args.malloc == "reuse":
+        reuse_freed_memory()
     cpus = os.cpu_count() or 0
     say(f"roi-loadtest: {cpus} CPU cores on this host ({platform.processor() or platform.machine()}); "
         "a server on the same host shares them with this client")
