@@ -296,11 +296,18 @@ def add_server_cpu(windows: list, samples: list) -> None:
     """Each window's server CPU use (cores) and requests per server CPU-second, from the CPU
     time sampled inside it. On a shared machine the server's share of the CPU moves the raw
     throughput; requests per CPU-second move far less."""
+    valid = [s for s in samples if s["cpu_seconds"] is not None]
     for w in windows:
-        inside = [s for s in samples if w["t_start"] <= s["t"] <= w["t_end"] and s["cpu_seconds"] is not None]
+        # The samples inside the window and the nearest one on either side of it: a scrape
+        # can take longer than the sampling period on a busy machine, and a short window
+        # may then hold fewer than two samples of its own.
+        before = [s for s in valid if s["t"] < w["t_start"]][-1:]
+        inside = [s for s in valid if w["t_start"] <= s["t"] <= w["t_end"]]
+        after = [s for s in valid if s["t"] > w["t_end"]][:1]
+        span = before + inside + after
         w["server_cores"] = w["requests_per_cpu_s"] = None
-        if len(inside) >= 2 and inside[-1]["t"] > inside[0]["t"]:
-            a, b = inside[0], inside[-1]
+        if len(span) >= 2 and span[-1]["t"] > span[0]["t"]:
+            a, b = span[0], span[-1]
             cores = (b["cpu_seconds"] - a["cpu_seconds"]) / (b["t"] - a["t"])
             w["server_cores"] = cores
             w["requests_per_cpu_s"] = w["throughput_rps"] / cores if cores > 0 else None
