@@ -28,7 +28,6 @@ import queue
 import random
 import re
 import shlex
-import subprocess
 import sys
 import threading
 import time
@@ -59,9 +58,8 @@ from fuzz_requests import (
 )
 from roi_client import EncodedRequest
 from roi_client._proto.roi.v1 import roi_pb2
+from server_process import Server, start_server
 
-LISTENING = re.compile(r"listening on \S*?:(\d+)")
-METRICS_ON = re.compile(r"metrics on :(\d+)")
 STREAM_GROUP = 32
 # Caps below roi-server's defaults, so that the cases over them are frequent (many boxes,
 # absurd output sizes, messages over 1 MiB); the valid cases stay far below them.
@@ -72,58 +70,6 @@ OUTCOMES = ("OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "violation")
 
 # ---------------------------------------------------------------------------------------------
 # The server
-
-
-@dataclass
-class Server:
-    address: str
-    metrics_url: str | None
-    proc: subprocess.Popen | None = None
-    log_path: Path | None = None
-
-    def alive(self) -> bool:
-        return self.proc is None or self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-def start_server(extra: list[str], log_path: Path, timeout: float = 300.0) -> Server:
-    """``roi-server`` on free ports; returns once it logs that it listens."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "roi_server.main",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--metrics-port",
-        "0",
-        *extra,
-    ]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = log_path.read_text(errors="replace")
-        found = LISTENING.search(text)
-        if found:
-            metrics = METRICS_ON.search(text)
-            url = f"http://127.0.0.1:{metrics.group(1)}/metrics" if metrics else None
-            return Server(f"127.0.0.1:{found.group(1)}", url, proc, log_path)
-        if proc.poll() is not None:
-            raise RuntimeError(f"roi-server exited with {proc.returncode}:\n{text[-3000:]}")
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"roi-server did not start in {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
 
 
 def metric(url: str, name: str) -> float | None:
