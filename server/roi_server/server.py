@@ -35,7 +35,7 @@ from .tls import server_credentials
 
 # Stopping: how long the line must be quiet before the transport closes, and the most time
 # spent waiting for that.
-QUIET_S = 0.1
+QUIET_S = 0.2
 LINGER_S = 1.0
 # Calls arrived but not yet taken by the event loop (see grpc_options).
 MAX_PENDING_CALLS = 20_000
@@ -261,10 +261,18 @@ class RoIServer:
         except TimeoutError:
             pass
         # Calls that were on their way keep arriving for a moment; they too get a clean
-        # UNAVAILABLE, until the line has been quiet for QUIET_S (at most LINGER_S).
+        # UNAVAILABLE, until the line has been quiet for QUIET_S (at most LINGER_S). Quiet
+        # counts from the signal at the earliest: calls that reached the transport just
+        # before it may not have been taken by the event loop yet, and gRPC's stop would
+        # cancel them.
         linger_until = min(started + grace, time.monotonic() + LINGER_S)
-        while time.monotonic() < linger_until and time.monotonic() - self.service.last_arrival < QUIET_S:
+        while time.monotonic() < linger_until and time.monotonic() - max(started, self.service.last_arrival) < QUIET_S:
             await asyncio.sleep(QUIET_S / 4)
+        log.debug(
+            "stopping the transport %.3f s after the signal, %.3f s after the last call arrived",
+            time.monotonic() - started,
+            time.monotonic() - self.service.last_arrival,
+        )
         await self._grpc.stop(max(0.0, grace - (time.monotonic() - started)))
         if not self.service.idle:
             log.warning("grace period over with requests still running; they were cancelled")

@@ -70,7 +70,7 @@ class RoIService:
         self._idle = asyncio.Event()
         self._idle.set()
         self._closing = asyncio.Event()
-        # time.monotonic() of the last Pool request or stream item.
+        # time.monotonic() of the last call taken by the event loop, Pool request or stream item.
         self.last_arrival = 0.0
 
     def set_ready(self, batcher: DynamicBatcher, info: ServerInfo) -> None:
@@ -98,13 +98,13 @@ class RoIService:
     # -- registration -------------------------------------------------------------------------
 
     def handler(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(
-            SERVICE_NAME,
+        return _ArrivalTrackingHandler(
+            self,
             {
                 # No (de)serializers: the methods take and return bytes (see the module doc).
-                "Pool": grpc.unary_unary_rpc_method_handler(self.pool),
-                "PoolStream": grpc.stream_stream_rpc_method_handler(self.pool_stream),
-                "Describe": grpc.unary_unary_rpc_method_handler(self.describe),
+                f"/{SERVICE_NAME}/Pool": grpc.unary_unary_rpc_method_handler(self.pool),
+                f"/{SERVICE_NAME}/PoolStream": grpc.stream_stream_rpc_method_handler(self.pool_stream),
+                f"/{SERVICE_NAME}/Describe": grpc.unary_unary_rpc_method_handler(self.describe),
             },
         )
 
@@ -268,6 +268,24 @@ class RoIService:
         self.metrics.in_flight.dec()
         if self._active == 0:
             self._idle.set()
+
+
+class _ArrivalTrackingHandler(grpc.GenericRpcHandler):
+    """Finds the method's handler, and notes the time: gRPC asks for it as soon as the event
+    loop takes a call, before its message has been read. The stop waits until no call has
+    been taken for a while, so that none is left waiting inside gRPC when the transport shuts
+    down (gRPC cancels those, and clients do not retry CANCELLED); the message of a call
+    taken but still arriving is waited for by the transport's grace, and then refused."""
+
+    def __init__(self, service: RoIService, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self._service = service
+        self._handlers = handlers
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = self._handlers.get(handler_call_details.method)
+        if handler is not None:
+            self._service.last_arrival = time.monotonic()
+        return handler
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
