@@ -140,3 +140,31 @@ def test_errors():
         roi_kernels.multiscale_roi_align(maps, boxes, [], 2)
     with pytest.raises(RuntimeError, match=r"boxes\[:, 0\]"):
         roi_kernels.multiscale_roi_align(maps, torch.tensor([[3.0, 0, 0, 1, 1]]), [(64, 64)], 2)
+
+
+def test_level_assignment_at_level_boundaries_matches_torchvision(seed):
+    """Boxes whose sqrt(area) / 224 lies within a few float ulps of a power of two: the level
+    expression floor(4 + log2(sqrt(area) / 224) + 1e-6) is decided by its last bits. torchvision
+    evaluates it in float32; a kernel that sums it in double (what `::log2(float)` silently
+    gave on the host) picks another level for about 3 % of such boxes."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 3000
+    j = torch.randint(-1, 2, (n,), generator=gen).double()
+    delta = (torch.rand(n, generator=gen, dtype=torch.float64) - 0.5) * 4e-6
+    side = (224 * 2 ** (j - 1e-6 + delta)).float()
+    x1 = torch.rand(n, generator=gen) * 64
+    y1 = torch.rand(n, generator=gen) * 64
+    boxes = torch.stack([x1, y1, x1 + side, y1 + side], dim=1)
+    size = (640, 640)
+    levels = (2, 3, 4, 5)
+    # Level l's map holds the constant l everywhere: a box's pooled value is its level.
+    maps = [torch.full((1, 1, 640 // 2**k, 640 // 2**k), float(k)) for k in levels]
+    names = [f"p{k}" for k in levels]
+    ref = MultiScaleRoIAlign(names, 1, 2)(dict(zip(names, maps)), [boxes], [size]).flatten()
+    ours = roi_kernels.multiscale_roi_align(maps, [boxes], [size], 1, 2).flatten()
+    assert set(ref.unique().tolist()) >= {3.0, 4.0, 5.0}, "the boxes straddle three boundaries"
+    wrong = (ours != ref).nonzero().flatten()
+    assert len(wrong) == 0, (
+        f"{len(wrong)} of {n} boxes pooled from another level than torchvision's; first: box "
+        f"{boxes[wrong[0]].tolist()}, level {ours[wrong[0]].item()} vs {ref[wrong[0]].item()}"
+    )

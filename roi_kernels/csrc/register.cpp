@@ -1,32 +1,9 @@
-// Every schema of the roi_kernels library. Each backend registers its kernels in its own
-// TORCH_LIBRARY_IMPL block at the bottom of its kernel file (cpu/*.cpp, cuda/*.cu).
+// Every schema of the roi_kernels library (schemas.h). Each backend registers its kernels in
+// its own TORCH_LIBRARY_IMPL block at the bottom of its kernel file (cpu/*.cpp, cuda/*.cu).
 #include <torch/library.h>
 
+#include "schemas.h"
+
 TORCH_LIBRARY(roi_kernels, m) {
-  m.def(
-      "roi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
-      "SymInt pooled_width, int sampling_ratio, bool aligned, str pool_mode) -> Tensor");
-  // features: a list of per-image maps Tensor[C, H_i, W_i]; rois[:, 0] picks the map.
-  m.def(
-      "roi_align_ragged(Tensor[] features, Tensor rois, float spatial_scale, "
-      "SymInt pooled_height, SymInt pooled_width, int sampling_ratio, bool aligned, "
-      "str pool_mode) -> Tensor");
-  // features: FPN levels Tensor[N, C, H_l, W_l], finest first, spatial_scales[l] = 2^-k_l.
-  m.def(
-      "multiscale_roi_align(Tensor[] features, Tensor rois, float[] spatial_scales, "
-      "SymInt pooled_height, SymInt pooled_width, int sampling_ratio, bool aligned, "
-      "str pool_mode, int canonical_scale, int canonical_level) -> Tensor");
-  m.def(
-      "roi_pool(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
-      "SymInt pooled_width) -> Tensor");
-  m.def(
-      "ps_roi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
-      "SymInt pooled_width, int sampling_ratio) -> Tensor");
-  m.def(
-      "ps_roi_pool(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
-      "SymInt pooled_width) -> Tensor");
-  // rois: Tensor[K, 6] (batch index, cx, cy, w, h, angle in degrees counter-clockwise).
-  m.def(
-      "roi_align_rotated(Tensor input, Tensor rois, float spatial_scale, "
-      "SymInt pooled_height, SymInt pooled_width, int sampling_ratio, bool aligned) -> Tensor");
+  ROI_KERNELS_DEFINE_SCHEMAS(m);
 }

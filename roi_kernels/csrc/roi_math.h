@@ -8,7 +8,7 @@
 // the GPU runs; both builds disable fused multiply-adds so that it rounds alike on both.
 //
 // Expressions follow torchvision's kernels term for term (same operations in the same order)
-// because torchvision's results are the definition of the ops (../shared/docs/SEMANTICS.md);
+// because torchvision's results are the definition of the ops (docs/SEMANTICS.md);
 // roi_align_rotated follows detectron2's.
 //
 // Rules every function obeys (no input of any kind may read or write out of bounds):
@@ -17,6 +17,7 @@
 //  * offsets are int64_t.
 //
 // Contents:
+//   0. The math library, precision-explicit
 //   1. Limits and small helpers
 //   2. Which image and which map a box reads (batch index, FPN level, map selection)
 //   3. Bilinear interpolation (per-axis taps, weights, their application)
@@ -32,9 +33,74 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 namespace roi_kernels {
 namespace math {
+
+// =======================================================================================
+// 0. The math library, precision-explicit
+//
+// Why: `::cos(x)` for a float x means two different functions under the two compilers of
+// this header. g++ (the CPU kernels, and nvcc's host pass) finds only the C library's
+// `double cos(double)` in the global namespace, so it computes in double and the caller
+// rounds; nvcc's device pass finds CUDA's `float cos(float)` overload, i.e. cosf, with its
+// own error bound (2 ulp for cosf / sinf, 1 ulp for log2f). Worse, the double result then
+// promotes the rest of the expression to double on the host only. So the shared math calls
+// the math library only through the functions below: each takes and returns double and
+// calls the double function of both libraries (static_asserts check the overload chosen,
+// in every compile of this header: the CPU build, nvcc's host and device passes, and the
+// CUDA executor's build); callers convert explicitly, `static_cast<T>(fn::cos(double(x)))`.
+// tests/test_kernel_sources.py checks that nothing here or in the CUDA kernels calls the
+// math library any other way.
+//
+// What remains different, and only a GPU can show: the device's double cos, sin and log2
+// have error bounds of 2, 2 and 1 ulp in double (glibc's are below 1 ulp), so their results
+// may differ from the CPU's in the last bit of a double; rounded to float (every float and
+// half op) they agree except where the double result lies within a few double ulps of a
+// float rounding boundary (about one argument in 2^28). floor, ceil, round, fabs and sqrt are
+// exact or correctly rounded on both, in either precision.
+// =======================================================================================
+namespace fn {
+
+#define ROI_MATH_DOUBLE_FN(name)                                                          \
+  C10_HOST_DEVICE inline double name(double x) {                                          \
+    static_assert(                                                                        \
+        std::is_same<decltype(::name(x)), double>::value,                                 \
+        "::" #name "(double) must resolve to the double function under every compiler"); \
+    return ::name(x);                                                                     \
+  }
+
+ROI_MATH_DOUBLE_FN(cos)
+ROI_MATH_DOUBLE_FN(sin)
+ROI_MATH_DOUBLE_FN(log2)
+ROI_MATH_DOUBLE_FN(sqrt)
+ROI_MATH_DOUBLE_FN(floor)
+ROI_MATH_DOUBLE_FN(ceil)
+ROI_MATH_DOUBLE_FN(round)
+ROI_MATH_DOUBLE_FN(fabs)
+#undef ROI_MATH_DOUBLE_FN
+
+// A call with any other argument type (a float, an integer) does not compile: it would
+// otherwise convert silently, and the point is that every call says its precision.
+template <typename T>
+double cos(T) = delete;
+template <typename T>
+double sin(T) = delete;
+template <typename T>
+double log2(T) = delete;
+template <typename T>
+double sqrt(T) = delete;
+template <typename T>
+double floor(T) = delete;
+template <typename T>
+double ceil(T) = delete;
+template <typename T>
+double round(T) = delete;
+template <typename T>
+double fabs(T) = delete;
+
+}  // namespace fn
 
 // =======================================================================================
 // 1. Limits and small helpers
@@ -64,7 +130,7 @@ C10_HOST_DEVICE inline double machine_epsilon() {
 // Whether all four are finite. NaN and +-inf make the sum non-finite; a finite sum of finite
 // values can overflow, which only errs towards "not finite" (callers then skip the box).
 C10_HOST_DEVICE inline bool finite_all(double a, double b, double c, double d) {
-  const double s = ::fabs(a) + ::fabs(b) + ::fabs(c) + ::fabs(d);
+  const double s = fn::fabs(a) + fn::fabs(b) + fn::fabs(c) + fn::fabs(d);
   return s - s == 0.0;
 }
 
@@ -104,10 +170,12 @@ C10_HOST_DEVICE inline int64_t fpn_level(
   if (!(area >= T(0))) {
     return -1;  // a box inverted along one axis, or NaN
   }
-  const T s = ::sqrt(area);
-  T k = ::floor(
-      static_cast<T>(canonical_level) + ::log2(s / static_cast<T>(canonical_scale)) +
-      static_cast<T>(1e-6));
+  // In T throughout, as torchvision's LevelMapper (float tensors for float boxes); sqrt and
+  // log2 are computed in double and rounded to T, i.e. correctly rounded in T (but for the
+  // rare arguments discussed in section 0), which is what torch's float log2 gives.
+  const T s = static_cast<T>(fn::sqrt(static_cast<double>(area)));
+  const T l = static_cast<T>(fn::log2(static_cast<double>(s / static_cast<T>(canonical_scale))));
+  T k = static_cast<T>(fn::floor(static_cast<double>(static_cast<T>(canonical_level) + l + static_cast<T>(1e-6))));
   if (!(k >= static_cast<T>(k_min))) {
     k = static_cast<T>(k_min);
   }
@@ -328,7 +396,7 @@ C10_HOST_DEVICE inline int64_t grid_size(int64_t sampling_ratio, T extent, int64
   if (!(v < static_cast<T>(kMaxGrid))) {
     return kMaxGrid;
   }
-  return static_cast<int64_t>(::ceil(v));
+  return static_cast<int64_t>(fn::ceil(static_cast<double>(v)));
 }
 
 template <typename T>
@@ -437,8 +505,8 @@ C10_HOST_DEVICE inline void sample_range(
   if (!(i1 >= -1.0) || !(i0 <= static_cast<double>(g))) {
     return;  // entirely before or after the map (or inf - inf)
   }
-  const double f0 = ::floor(i0) - 1.0;
-  const double f1 = ::ceil(i1) + 2.0;
+  const double f0 = fn::floor(i0) - 1.0;
+  const double f1 = fn::ceil(i1) + 2.0;
   lo = f0 <= 0.0 ? 0 : static_cast<int64_t>(f0);
   hi = f1 >= static_cast<double>(g) ? g : static_cast<int64_t>(f1);
   if (hi < lo) {
@@ -496,7 +564,7 @@ C10_HOST_DEVICE inline void for_each_bin_sample(
 // round() half away from zero, clamped so that the integer cast is defined. NaN -> ok=false.
 template <typename T>
 C10_HOST_DEVICE inline int64_t round_coord(T v, bool& ok) {
-  const T r = ::round(v);
+  const T r = static_cast<T>(fn::round(static_cast<double>(v)));
   if (!(r == r)) {
     ok = false;
     return 0;
@@ -536,8 +604,8 @@ C10_HOST_DEVICE inline void pool_bin(
     int64_t& start,
     int64_t& end) {
   const T bin = static_cast<T>(box_extent) / static_cast<T>(pooled);
-  const int64_t s = static_cast<int64_t>(::floor(static_cast<T>(p) * bin));
-  const int64_t e = static_cast<int64_t>(::ceil(static_cast<T>(p + 1) * bin));
+  const int64_t s = static_cast<int64_t>(fn::floor(static_cast<double>(static_cast<T>(p) * bin)));
+  const int64_t e = static_cast<int64_t>(fn::ceil(static_cast<double>(static_cast<T>(p + 1) * bin)));
   start = min_of<int64_t>(max_of<int64_t>(s + box_start, 0), limit);
   end = min_of<int64_t>(max_of<int64_t>(e + box_start, 0), limit);
 }
@@ -641,8 +709,9 @@ C10_HOST_DEVICE inline RotatedGeometry<T> rotated_geometry(
     roi_h = roi_h < T(1.) ? T(1.) : roi_h;
   }
   const T theta = angle_deg * static_cast<T>(M_PI) / static_cast<T>(180.0);
-  g.cos_t = ::cos(theta);
-  g.sin_t = ::sin(theta);
+  // In double, rounded to T: what the CPU build has always computed (see section 0).
+  g.cos_t = static_cast<T>(fn::cos(static_cast<double>(theta)));
+  g.sin_t = static_cast<T>(fn::sin(static_cast<double>(theta)));
   g.bin_h = roi_h / static_cast<T>(pooled_height);
   g.bin_w = roi_w / static_cast<T>(pooled_width);
   g.start_y = -roi_h / static_cast<T>(2.0);
@@ -714,8 +783,8 @@ C10_HOST_DEVICE inline void index_range(double v0, double v1, double a, double d
   if (!(i1 >= -1.0) || !(i0 <= static_cast<double>(g))) {
     return;
   }
-  const double f0 = ::floor(i0) - 1.0;
-  const double f1 = ::ceil(i1) + 2.0;
+  const double f0 = fn::floor(i0) - 1.0;
+  const double f1 = fn::ceil(i1) + 2.0;
   lo = f0 <= 0.0 ? 0 : static_cast<int64_t>(f0);
   hi = f1 >= static_cast<double>(g) ? g : static_cast<int64_t>(f1);
   if (hi < lo) {
@@ -778,11 +847,11 @@ C10_HOST_DEVICE inline RotatedScan rotated_scan(
   r.dx = bin_w / static_cast<double>(g.grid_w);
   const double h = static_cast<double>(height);
   const double w = static_cast<double>(width);
-  const double m = ::fabs(r.cx) + ::fabs(r.cy) + 2.0 * (::fabs(start_y) + ::fabs(start_x)) + h + w + 1.0;
+  const double m = fn::fabs(r.cx) + fn::fabs(r.cy) + 2.0 * (fn::fabs(start_y) + fn::fabs(start_x)) + h + w + 1.0;
   double e = 32.0 * machine_epsilon<T>() * m;
-  double spacing = ::fabs(r.dy);
-  if (spacing == 0.0 || (::fabs(r.dx) > 0.0 && ::fabs(r.dx) < spacing)) {
-    spacing = ::fabs(r.dx);
+  double spacing = fn::fabs(r.dy);
+  if (spacing == 0.0 || (fn::fabs(r.dx) > 0.0 && fn::fabs(r.dx) < spacing)) {
+    spacing = fn::fabs(r.dx);
   }
   if (spacing > 0.0 && e > kRotatedMarginSamples * spacing) {
     e = kRotatedMarginSamples * spacing;

@@ -1,0 +1,61 @@
+// Host-side helpers of the CUDA ops' entry points (cuda/*.cu), under both compilers:
+//  * nvcc: the tensors are on a CUDA device; ops register as roi_kernels' CUDA kernels.
+//  * ROI_KERNELS_CUDA_EMULATED: the same entry points take CPU tensors and run the kernels
+//    through the CPU executor; they register as CPU kernels of a library of their own,
+//    roi_kernels_emulated (emulator/register.cpp holds its schemas), so that nothing of it
+//    can be mistaken for, or replace, the real ops.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+#include "device.cuh"
+
+#if defined(__CUDACC__)
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace roi_kernels {
+namespace cuda {
+
+#if defined(__CUDACC__)
+constexpr const char* kDeviceName = "CUDA";
+inline bool on_device(const at::Tensor& t) {
+  return t.is_cuda();
+}
+using DeviceGuard = c10::cuda::CUDAGuard;
+#else
+constexpr const char* kDeviceName = "CUDA (emulated on the CPU)";
+inline bool on_device(const at::Tensor& t) {
+  return t.is_cpu();
+}
+struct DeviceGuard {
+  explicit DeviceGuard(c10::Device) {}
+};
+#endif
+
+// `bytes` bytes from host memory, copied into a new device buffer for the kernels to read.
+// On the GPU: pinned staging, so that the copy is queued on the stream without a host sync
+// (the caching host allocator keeps the staging buffer until the copy has run).
+inline at::Tensor device_copy(const void* data, int64_t bytes, c10::Device device) {
+#if defined(__CUDACC__)
+  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.mutable_data_ptr(), data, bytes);
+  return host.to(at::TensorOptions().device(device), /*non_blocking=*/true);
+#else
+  at::Tensor buffer = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+  std::memcpy(buffer.mutable_data_ptr(), data, bytes);
+  return buffer;
+#endif
+}
+
+}  // namespace cuda
+}  // namespace roi_kernels
+
+#if defined(__CUDACC__)
+#define ROI_KERNELS_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(roi_kernels, CUDA, m)
+#else
+#define ROI_KERNELS_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(roi_kernels_emulated, CPU, m)
+#endif
