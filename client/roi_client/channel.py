@@ -111,17 +111,49 @@ def channel_target(target: str | Sequence[str]) -> str:
     return ("ipv4:" + ",".join(v4)) if v4 else ("ipv6:" + ",".join(v6))
 
 
-def health_request(service: str) -> bytes:
-    from grpc_health.v1 import health_pb2
+# grpc.health.v1's two messages, built here from their definition so that the client needs
+# neither grpcio-health-checking (a server dependency) nor generated code. A pool of their
+# own: grpc_health, where it is installed, registers the same names in the default pool.
+_HEALTH_STATUSES = ("UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN")
+_health_messages = None
 
-    return health_pb2.HealthCheckRequest(service=service).SerializeToString()
+
+def _health_classes():
+    global _health_messages
+    if _health_messages is None:
+        from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+        f = descriptor_pb2.FileDescriptorProto(name="roi_client/grpc_health_v1.proto", package="grpc.health.v1", syntax="proto3")
+        req = f.message_type.add(name="HealthCheckRequest")
+        req.field.add(name="service", number=1, type=descriptor_pb2.FieldDescriptorProto.TYPE_STRING, label=1)
+        resp = f.message_type.add(name="HealthCheckResponse")
+        enum = resp.enum_type.add(name="ServingStatus")
+        for number, name in enumerate(_HEALTH_STATUSES):
+            enum.value.add(name=name, number=number)
+        resp.field.add(
+            name="status", number=1, type=descriptor_pb2.FieldDescriptorProto.TYPE_ENUM, label=1,
+            type_name=".grpc.health.v1.HealthCheckResponse.ServingStatus",
+        )  # fmt: skip
+        pool = descriptor_pool.DescriptorPool()
+        pool.Add(f)
+        _health_messages = tuple(
+            message_factory.GetMessageClass(pool.FindMessageTypeByName(f"grpc.health.v1.{name}"))
+            for name in ("HealthCheckRequest", "HealthCheckResponse")
+        )
+    return _health_messages
+
+
+def health_request(service: str) -> bytes:
+    request_class, _ = _health_classes()
+    return request_class(service=service).SerializeToString()
 
 
 def health_status(raw: bytes) -> str:
-    from grpc_health.v1 import health_pb2
-
-    status = health_pb2.HealthCheckResponse.FromString(raw).status
-    return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+    """The status's name ("SERVING", ...); a number this client does not know comes as its
+    value."""
+    _, response_class = _health_classes()
+    status = response_class.FromString(raw).status
+    return _HEALTH_STATUSES[status] if 0 <= status < len(_HEALTH_STATUSES) else str(status)
 
 
 def _pem(source: PemSource | None, name: str) -> bytes | None:

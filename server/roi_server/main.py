@@ -18,6 +18,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"roi-server: configuration error: {exc}", file=sys.stderr)
         return 2
 
+    from .extras import require
+
+    if not require("roi-server"):
+        return 2
+
     from .logging_setup import configure_logging
 
     configure_logging(settings.log_format, settings.log_level)

@@ -11,11 +11,17 @@ closes everything.
 from __future__ import annotations
 
 import asyncio
+import errno
+import importlib.util
 import logging
+import os
 import signal
+import socket
+import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -80,8 +86,96 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     return options
 
 
+def _kernels_state() -> tuple[bool, Path]:
+    """Whether importing roi_kernels would only load an existing build, and its folder. Runs on
+    a thread (it imports torch).
+
+    Importing anything of the ``roi_kernels`` package loads the extension (compiling it when
+    needed), so its build module is read here from its file, on its own: it depends on nothing
+    else of the package, and what is asked of it (is_built, build_dir) compiles nothing."""
+    imported = sys.modules.get("roi_kernels._build")
+    if imported is not None and imported.load_info() is not None:
+        return True, imported.load_info().directory
+    package = importlib.util.find_spec("roi_kernels")
+    assert package is not None and package.submodule_search_locations, "roi_kernels is installed"
+    name = "roi_server._roi_kernels_build"
+    build = sys.modules.get(name)
+    if build is None:
+        spec = importlib.util.spec_from_file_location(name, Path(package.submodule_search_locations[0]) / "_build.py")
+        assert spec is not None and spec.loader is not None
+        build = importlib.util.module_from_spec(spec)
+        sys.modules[name] = build  # dataclasses look their module up there
+        try:
+            spec.loader.exec_module(build)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return build.is_built(), build.build_dir(build.cuda_sources_wanted())
+
+
+async def _compile_kernels(directory: Path) -> None:
+    """Compiles the kernels in a child process (``python -m roi_kernels.build``), in a process
+    group of its own: a stop (the task cancelled) ends it and the compilers it runs at once,
+    where a compile on a thread of this process would hold the exit until it finished."""
+    log.info("compiling the kernels into %s (first start only; a minute or more) ...", directory)
+    started = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "roi_kernels.build",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        output, _ = await proc.communicate()
+    except asyncio.CancelledError:
+        await _end_process_group(proc)
+        log.info("stopped compiling the kernels after %.1f s", time.perf_counter() - started)
+        raise
+    text = output.decode(errors="replace").strip()
+    for line in text.splitlines():
+        log.debug("roi-kernels-build: %s", line)
+    if proc.returncode != 0:
+        lines = [line for line in text.splitlines() if line.strip()]
+        reason = next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "no output")
+        raise RuntimeError(f"compiling the kernels failed (exit status {proc.returncode}): {reason.strip()}")
+    log.info("compiled the kernels in %.1f s (into %s)", time.perf_counter() - started, directory)
+
+
+async def _end_process_group(proc: asyncio.subprocess.Process, patience_s: float = 2.0) -> None:
+    """Ends the build: SIGTERM to every process of its session (ninja runs each compiler in a
+    process group of its own, inside the session), then SIGKILL to what is left after
+    ``patience_s``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in {proc.pid, *_session_members(proc.pid)}:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + patience_s
+        while time.monotonic() < deadline:
+            if proc.returncode is not None and not _session_members(proc.pid):
+                return
+            await asyncio.sleep(0.02)
+    await proc.wait()
+
+
+def _session_members(session: int) -> list[int]:
+    """Live (not zombie) processes of the session ``session``, from /proc (Linux)."""
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        # After the command's name: state, ppid, pgrp, session.
+        if int(fields[3]) == session and fields[0] != b"Z":
+            members.append(int(entry.name))
+    return members
+
+
 def _load_kernels(settings: Settings):
-    """Imports roi_kernels (compiling it on first use) and opens the device; runs on a thread."""
+    """Imports roi_kernels (which loads the build) and opens the device; runs on a thread."""
     import torch
 
     from .logging_setup import adopt_library_logs
@@ -95,6 +189,33 @@ def _load_kernels(settings: Settings):
         torch.set_num_threads(settings.threads)
     device = resolve_device(settings.device)
     return KernelEngine(device, settings.threads)
+
+
+def _check_port_free(host: str, port: int, what: str, flag: str, env: str) -> None:
+    """Raises OSError naming the port, which one it is and its setting when another process
+    listens there (the libraries' own errors name neither, and gRPC's core logs a raw line)."""
+    if port <= 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return  # the library reports a bad host in its own words
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC and http.server bind
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise PortInUse(
+                        f"the {what} port {port} is already in use on {host or '*'} "
+                        f"(another process listens there): choose another with {flag} or {env}"
+                    ) from None
+                raise
+
+
+class PortInUse(OSError):
+    """The gRPC or the metrics port is taken; the message names it and its setting."""
 
 
 class RoIServer:
@@ -132,8 +253,10 @@ class RoIServer:
         for service in HEALTH_SERVICES:
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         if s.metrics_port >= 0:
+            _check_port_free(s.host, s.metrics_port, "metrics", "--metrics-port (-1 turns metrics off)", "ROI_METRICS_PORT")
             self._metrics_http = MetricsHTTPServer(self.metrics.registry, s.host, s.metrics_port)
             self.metrics_port = self._metrics_http.port
+        _check_port_free(s.host, s.port, "gRPC", "--port", "ROI_PORT")
 
         server = grpc.aio.server(interceptors=build_interceptors(s), options=grpc_options(s))
         server.add_generic_rpc_handlers((self.service.handler(),))
@@ -160,6 +283,9 @@ class RoIServer:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
+            built, directory = await loop.run_in_executor(None, _kernels_state)
+            if not built:
+                await _compile_kernels(directory)
             self.engine = await loop.run_in_executor(None, _load_kernels, s)
             ops = await loop.run_in_executor(self.engine.worker, self.engine.load_and_warm_up)
         except BaseException:
