@@ -183,9 +183,19 @@ def refused(call, code: grpc.StatusCode) -> RoIError:
     return err.value
 
 
-def requests_counted(srv) -> float:
+def requests_counted(srv, code: str | None = None, exclude: str | None = None) -> float:
+    """roi_requests_total summed over its labels (those with ``code`` only, or without
+    ``exclude``)."""
     samples = srv.server.metrics.registry.collect()
-    return sum(s.value for m in samples if m.name == "roi_requests" for s in m.samples if s.name == "roi_requests_total")
+    return sum(
+        s.value
+        for m in samples
+        if m.name == "roi_requests"
+        for s in m.samples
+        if s.name == "roi_requests_total"
+        and (code is None or s.labels["code"] == code)
+        and (exclude is None or s.labels["code"] != exclude)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +290,11 @@ def token_server(pki):
 
 
 def test_token_right_wrong_missing(token_server, request_case):
-    before = requests_counted(token_server)
+    before = requests_counted(token_server, exclude="UNAUTHENTICATED")
+    refused_before = requests_counted(token_server, code="UNAUTHENTICATED")
+    pool_refused_before = token_server.server.metrics.registry.get_sample_value(
+        "roi_requests_total", {"op": "roi_align", "code": "UNAUTHENTICATED"}
+    ) or 0.0
     with RoIClient(token_server.address, max_attempts=1, timeout=10) as anonymous:
         err = refused(lambda: assert_serves(anonymous, request_case), grpc.StatusCode.UNAUTHENTICATED)
         assert err.details == MISSING
@@ -298,7 +312,13 @@ def test_token_right_wrong_missing(token_server, request_case):
         assert TOKEN not in err.details and TOKEN[:-1] not in err.details
     with RoIClient(token_server.address, token=TOKEN + TOKEN, max_attempts=1) as longer:
         refused(lambda: assert_serves(longer, request_case), grpc.StatusCode.UNAUTHENTICATED)
-    assert requests_counted(token_server) == before, "a refused call reached the service"
+    assert requests_counted(token_server, exclude="UNAUTHENTICATED") == before, "a refused call reached the service"
+    # Refusals are counted, as every other answer: three Pool calls under their op, the
+    # stream under "unknown" (its requests were not read), Describe not at all (no request).
+    assert requests_counted(token_server, code="UNAUTHENTICATED") == refused_before + 4
+    assert token_server.server.metrics.registry.get_sample_value(
+        "roi_requests_total", {"op": "roi_align", "code": "UNAUTHENTICATED"}
+    ) == pool_refused_before + 3
 
     with RoIClient(token_server.address, token=TOKEN) as ok:
         assert_serves(ok, request_case)
@@ -307,7 +327,7 @@ def test_token_right_wrong_missing(token_server, request_case):
         assert set(got) == {"0", "1", "2"}
         for r in got.values():
             assert_bitwise_equal(r.output, request_case[2])
-    assert requests_counted(token_server) == before + 4
+    assert requests_counted(token_server, exclude="UNAUTHENTICATED") == before + 4
 
 
 def test_malformed_authorization_metadata(token_server):

@@ -316,6 +316,9 @@ ERROR_CASES = [
     ("rotated rois of 5", "roi_align_rotated", _rois(lambda r: r[:, :5]), INVALID, ["boxes.rois.shape", "[K, 6]"]),
     ("image index past N", "roi_align", _rois(_index(2)), INVALID, ["boxes", "image index 2"]),
     ("negative image index", "roi_align", _rois(_index(-1)), INVALID, ["boxes", "image index -1"]),
+    ("fractional image index", "roi_align", _rois(_index(0.5)), INVALID, ["boxes", "image index 0.5", "whole number"]),
+    ("fractional image index below N", "roi_pool", _rois(_index(1.9)), INVALID, ["boxes", "image index 1.9", "whole number"]),
+    ("fractional rotated image index", "roi_align_rotated", _rois(_index(0.25)), INVALID, ["boxes", "image index 0.25"]),
     ("NaN box", "roi_align", _rois(_nan_box), INVALID, ["boxes", "non-finite"]),
     ("inf box", "roi_pool", _rois(_inf_box), INVALID, ["boxes", "non-finite"]),
     ("zero output height", "roi_align", _set("params.pooled_height", 0), INVALID, ["params.pooled_height"]),
@@ -589,6 +592,32 @@ def test_metrics_parse_follow_conventions_and_move(server, seed):
         "roi_sent_bytes": "counter",
     }.items():
         assert types.get(name) == kind, (name, types.get(name))
+
+
+def test_compute_histogram_resolves_small_batches(server, seed):
+    """Small batches on the CPU take tens of microseconds: the compute histogram must have
+    buckets there, or every observation lands in its lowest one."""
+    gen = torch.Generator().manual_seed(seed)
+    before = scrape(server.metrics_url)
+    with RoIClient(server.address, timeout=60) as client:
+        for i in range(30):
+            req, _ = small_request(gen, f"s{i}", k=2, channels=4)
+            client.pool(req)
+    after = scrape(server.metrics_url)
+    buckets = sorted(
+        (float(dict(labels)["le"]), value - before.get((name, labels), 0.0))
+        for (name, labels), value in after.items()
+        if name == "roi_compute_seconds_bucket" and dict(labels).get("op") == "roi_align"
+    )
+    bounds = [le for le, _ in buckets]
+    assert bounds[0] <= 1e-5 and sum(le <= 1e-4 for le in bounds) >= 4, bounds
+    total = buckets[-1][1]
+    assert total >= 30
+    counts = [c for _, c in buckets]
+    per_bucket = [b - a for a, b in zip([0.0, *counts[:-1]], counts)]
+    print("compute seconds per bucket:", dict(zip(bounds, per_bucket)))
+    # Resolved: no single bucket holds (almost) all of them.
+    assert max(per_bucket) < 0.9 * total, dict(zip(bounds, per_bucket))
 
 
 def test_health_and_reflection(server):

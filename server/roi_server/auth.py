@@ -36,11 +36,20 @@ def _digest(value: bytes) -> bytes:
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without the right bearer token (constant-time comparison)."""
 
-    def __init__(self, token: str, open_services: Sequence[str] = OPEN_SERVICES) -> None:
+    def __init__(
+        self,
+        token: str,
+        open_services: Sequence[str] = OPEN_SERVICES,
+        on_refusal: Callable[[str, bytes | None], None] | None = None,
+    ) -> None:
+        """``on_refusal(method, request)`` is called for every refused call, with the request's
+        bytes for a unary call whose handler takes bytes (else None), so that refusals are
+        counted like every other answer."""
         if not token:
             raise ValueError("the token must not be empty")
         self._expected = _digest(token.encode("utf-8"))
         self._open = tuple(f"/{s}/" for s in open_services)
+        self._on_refusal = on_refusal
 
     def check(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
         """None when ``metadata`` carries the token, else the reason to refuse."""
@@ -70,18 +79,29 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         if problem is None:
             return await continuation(details)
         log.debug("refused %s: %s", method, problem)
-        return _refusal(await continuation(details), problem)
+        return _refusal(await continuation(details), problem, method, self._on_refusal)
 
 
-def _refusal(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
+def _refusal(
+    handler: grpc.RpcMethodHandler | None,
+    message: str,
+    method: str = "",
+    on_refusal: Callable[[str, bytes | None], None] | None = None,
+) -> grpc.RpcMethodHandler:
     """A handler of the same kind as ``handler`` that ends the call in UNAUTHENTICATED without
-    reading its request."""
+    reading (nor parsing) its request."""
     code = grpc.StatusCode.UNAUTHENTICATED
 
+    def note(request_or_iterator) -> None:
+        if on_refusal is not None:
+            on_refusal(method, request_or_iterator if isinstance(request_or_iterator, bytes) else None)
+
     async def unary_response(request_or_iterator, context: grpc.aio.ServicerContext):
+        note(request_or_iterator)
         await context.abort(code, message)
 
     async def stream_response(request_or_iterator, context: grpc.aio.ServicerContext):
+        note(request_or_iterator)
         await context.abort(code, message)
         yield  # pragma: no cover  (makes this an async generator; abort raises first)
 

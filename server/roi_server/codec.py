@@ -399,6 +399,14 @@ def decode_request(req: roi_pb2.PoolRequest, limits: Limits, available_ops: froz
             raise InvalidArgument(
                 "boxes", f"box {bad} has image index {idx[bad].item():g}, outside [0, {num_images}) for {num_images} image(s)"
             )
+        # The kernels truncate a fractional index (as torchvision's do): over the wire that
+        # is a mistake of the caller's, not an image to guess.
+        whole = idx == torch.floor(idx)
+        if not bool(whole.all()):
+            bad = int((~whole).nonzero()[0, 0])
+            raise InvalidArgument(
+                "boxes", f"box {bad} has image index {str(idx[bad].numpy())}, which is not a whole number"
+            )
     out_elements = k * out_channels * ph * pw
     if out_elements > limits.max_output_elements:
         raise InvalidArgument(

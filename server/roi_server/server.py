@@ -51,10 +51,13 @@ log = logging.getLogger("roi_server")
 HEALTH_SERVICES = ("", SERVICE_NAME)
 
 
-def build_interceptors(settings: Settings) -> list[grpc.aio.ServerInterceptor]:
-    """Interceptors run on every call, health and reflection included."""
+def build_interceptors(settings: Settings, service: RoIService | None = None) -> list[grpc.aio.ServerInterceptor]:
+    """Interceptors run on every call, health and reflection included. Calls of ``service``'s
+    Pool and PoolStream that the token check refuses are counted by it (UNAUTHENTICATED)."""
     token = settings.bearer_token()
-    return [TokenAuthInterceptor(token)] if token else []
+    if not token:
+        return []
+    return [TokenAuthInterceptor(token, on_refusal=service.count_refusal if service is not None else None)]
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
@@ -258,7 +261,7 @@ class RoIServer:
             self.metrics_port = self._metrics_http.port
         _check_port_free(s.host, s.port, "gRPC", "--port", "ROI_PORT")
 
-        server = grpc.aio.server(interceptors=build_interceptors(s), options=grpc_options(s))
+        server = grpc.aio.server(interceptors=build_interceptors(s, self.service), options=grpc_options(s))
         server.add_generic_rpc_handlers((self.service.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

@@ -199,6 +199,18 @@ class RoIService:
         )
         return resp.SerializeToString()
 
+    def count_refusal(self, method: str, raw: bytes | None, code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED) -> None:
+        """Counts a call refused before it reached this service (by the token check): a Pool
+        call under the op its message's header names, a PoolStream as one request of op
+        "unknown"; Describe is not a request and is not counted."""
+        if method == f"/{SERVICE_NAME}/Pool":
+            op = OP_NAMES.get(peek_header(raw)[1], "unknown") if raw is not None else "unknown"
+        elif method == f"/{SERVICE_NAME}/PoolStream":
+            op = "unknown"
+        else:
+            return
+        self.metrics.requests.labels(op=op, code=code.name).inc()
+
     # -- one request --------------------------------------------------------------------------
 
     async def _answer(self, raw: bytes, deadline: float | None, in_stream: bool) -> bytes | tuple[grpc.StatusCode, str]:
