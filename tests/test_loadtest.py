@@ -137,3 +137,20 @@ def test_open_loop_counts_from_schedule(server, tmp_path):
     gen = run["generator"]
     assert gen["asked_rate"] == 100 and gen["send_lag_ms"]["p50"] >= 0
     assert isinstance(gen["kept_up"], bool)
+
+
+def test_refused_requests_are_counted_apart_not_as_throughput(server, tmp_path):
+    """Every request is refused at once (70,000 boxes, past the server's limit of 65,536): the
+    figures count successful requests only, so they are zero, and the errors stand apart."""
+    out = tmp_path / "refused.json"
+    proc = _loadtest([server, "--op", "roi_align", "--boxes", "70000", "--map", "4x8x8", "--concurrency", "2",
+                      "--duration", "1", "--warmup", "0.2", "--json", str(out)])
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["ok"] == 0 and run["error_count"] == run["requests"] > 0
+    assert set(run["errors"]) == {"INVALID_ARGUMENT"}
+    assert run["throughput_rps"] == 0 and run["sent_MBps"] == 0 and run["received_MBps"] == 0
+    assert run["error_sent_bytes"] > 0
+    assert "errors (not in the figures above): INVALID_ARGUMENT" in proc.stdout
+    # One vocabulary for the two directions: the workload line and the table both say sent and received.
+    assert "MB sent /" in proc.stdout and "MB received per request" in proc.stdout
+    assert "sent MB/s" in proc.stdout and "recv MB/s" in proc.stdout

@@ -224,10 +224,10 @@ async def _main_async(args, work: wl.Workload, mode: str, steps, say) -> dict:
             latencies = [x * 1e3 for x, c in zip(res.records.latency, res.records.code) if c == "OK"]
             if len(steps) > 1:
                 lat = s.get("latency_ms") or {}
-                say(f"  {label}: {s['throughput_rps']:.1f} req/s, p50 {lat.get('p50', float('nan')):.3g} ms, "
-                    f"p99 {lat.get('p99', float('nan')):.3g} ms, {s['error_count']} errors")
+                say(f"  {label}: {s['throughput_rps']:.1f} req/s, p50 {report.duration(lat.get('p50'))}, "
+                    f"p99 {report.duration(lat.get('p99'))}, {s['error_count']} errors")
                 if args.latency_limit and lat.get("p99", 0) > args.latency_limit:
-                    say(f"  stopping the sweep: p99 {lat['p99']:.3g} ms > --latency-limit {args.latency_limit:g} ms")
+                    say(f"  stopping the sweep: p99 {report.duration(lat['p99'])} > --latency-limit {args.latency_limit:g} ms")
                     break
     finally:
         await close()

@@ -15,6 +15,18 @@ def _f(x, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
+def duration(ms) -> str:
+    """A time given in milliseconds, written readably: ``0.42 ms``, ``35.9 ms``, ``35.9 s``,
+    ``2.5 min``."""
+    if ms is None or (isinstance(ms, float) and not math.isfinite(ms)):
+        return "-"
+    if abs(ms) >= 60_000:
+        return f"{ms / 60_000:.3g} min"
+    if abs(ms) >= 1000:
+        return f"{ms / 1000:.3g} s"
+    return f"{ms:.3g} ms"
+
+
 def _get(d, *path):
     for p in path:
         if d is None:
@@ -31,8 +43,9 @@ COLUMNS = [
     ("err", lambda s: s["error_count"]),
     ("req/s", lambda s: s["throughput_rps"]),
     ("boxes/s", lambda s: s["boxes_per_s"]),
-    ("MB/s out", lambda s: s["sent_MBps"]),
-    ("MB/s in", lambda s: s["received_MBps"]),
+    # Bytes on the wire, as the client counts them: sent (requests) and received (responses).
+    ("sent MB/s", lambda s: s["sent_MBps"]),
+    ("recv MB/s", lambda s: s["received_MBps"]),
     ("p50 ms", lambda s: _get(s, "latency_ms", "p50")),
     ("p90", lambda s: _get(s, "latency_ms", "p90")),
     ("p95", lambda s: _get(s, "latency_ms", "p95")),
@@ -63,7 +76,11 @@ def details(s: dict) -> str:
     """The lines under the table: errors by code, the server-side split, the generator."""
     out = []
     if s["errors"]:
-        out.append("errors: " + ", ".join(f"{k} {v}" for k, v in sorted(s["errors"].items())))
+        out.append(
+            "errors (not in the figures above): "
+            + ", ".join(f"{k} {v}" for k, v in sorted(s["errors"].items()))
+            + f"; {s.get('error_sent_bytes', 0) / 1e6:,.1f} MB sent for them"
+        )
     lat = s.get("latency_ms")
     if lat:
         out.append(
@@ -107,7 +124,16 @@ def _jsonable(x):
 
 
 def plot(path: str | Path, document: dict, latencies_ms=None) -> None:
-    """A latency-throughput curve for a sweep; a latency histogram for a single run."""
+    """A latency-throughput curve for a sweep; a latency histogram for a single run (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(document, latencies_ms)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def figure(document: dict, latencies_ms=None):
+    """The matplotlib Figure that :func:`plot` writes."""
     try:
         import matplotlib
 
@@ -150,18 +176,18 @@ def plot(path: str | Path, document: dict, latencies_ms=None) -> None:
             stats = runs[0].get("latency_ms") or {}
             for key, color in (("p50", "green"), ("p99", "red")):
                 if key in stats:
-                    ax.axvline(stats[key], color=color, linestyle="--", label=f"{key} {stats[key]:.3g} ms")
+                    ax.axvline(stats[key], color=color, linestyle="--", label=f"{key} {duration(stats[key])}")
             ax.legend()
         r = runs[0]
         load = f"c={r['concurrency']}" if r["mode"] == "closed" else f"{r['rate']:g}/s"
         kind = "closed loop" if r["mode"] == "closed" else "open loop"
-        ax.set_title(f"{title}, {kind} {load}: {r['throughput_rps']:.1f} req/s")
+        errors = f", {r['error_count']} errors" if r["error_count"] else ""
+        ax.set_title(f"{title}, {kind} {load}: {r['throughput_rps']:.1f} req/s{errors}")
         ax.set_xlabel("latency (ms)")
         ax.set_ylabel("requests")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
 
 
 def _load_label(s: dict) -> str:

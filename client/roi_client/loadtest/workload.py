@@ -78,7 +78,8 @@ class Workload:
         ph, pw = self.output_size
         return (
             f"{self.name}: {self.op} {ph}x{pw}, {self.num_boxes} boxes, maps {shapes} {self.dtype}, "
-            f"{self.input_bytes() / 1e6:.3g} MB in / {self.output_bytes() / 1e6:.3g} MB out"
+            f"{self.input_bytes() / 1e6:.3g} MB sent / {self.output_bytes() / 1e6:.3g} MB received per request "
+            "(tensor payloads)"
         )
 
     def astype(self, dtype: str) -> Workload:
