@@ -10,7 +10,7 @@ for torchvision on the same inputs, their ratio, and our time over the workload'
 bytes at the measured copy bandwidth, or its arithmetic at the measured multiply-add rate,
 whichever is longer). Prints a Markdown table (and --json rows); progress goes to stderr.
 
-The standard workloads are WORKLOADS.md's. WORKLOADS.md has no shape for ps_roi_align,
+The standard workloads are those of docs/WORKLOADS.md, which has no shape for ps_roi_align,
 ps_roi_pool or roi_align_rotated: --extras adds workloads built on single-level for them
 (benchmarks/workloads.py), in a table of their own, apart from the standard rows the
 project's speed targets refer to. torchvision has no rotated op: that row has no contender.
@@ -267,8 +267,8 @@ def main(argv=None) -> int:
     device = args.device
     chosen = list(dict.fromkeys(args.workloads + (list(workloads.EXTRA_NAMES) if args.extras else [])))
     groups = [
-        ("standard workloads (WORKLOADS.md)", [n for n in chosen if n in workloads.NAMES]),
-        ("extra workloads (not in WORKLOADS.md; built on single-level)", [n for n in chosen if n in workloads.EXTRA_NAMES]),
+        ("standard workloads (docs/WORKLOADS.md)", [n for n in chosen if n in workloads.NAMES]),
+        ("extra workloads (not in docs/WORKLOADS.md; built on single-level)", [n for n in chosen if n in workloads.EXTRA_NAMES]),
     ]
     total = len(chosen) * len(args.dtypes)
     print("measuring the copy bandwidth and multiply-add rate ...", file=sys.stderr, flush=True)

@@ -1,9 +1,9 @@
-"""The standard workloads of WORKLOADS.md as inputs: feature maps and boxes, seeded.
+"""The standard workloads of docs/WORKLOADS.md as inputs: feature maps and boxes, seeded.
 
 Shared by the kernel benchmark and the service benchmarks so that every tool measures the
 same thing.
 
-WORKLOADS.md gives no shape for the position-sensitive ops or for rotated boxes, so three
+docs/WORKLOADS.md gives no shape for the position-sensitive ops or for rotated boxes, so three
 extra workloads (``EXTRA_NAMES``, named ``extra-*`` so that no table mistakes them for standard
 ones) reuse ``single-level``'s images, map size, stride and box draw:
 
@@ -59,7 +59,7 @@ class Workload:
 
 
 def draw_boxes(gen: torch.Generator, num: int, image_sizes: list[tuple[int, int]]) -> torch.Tensor:
-    """WORKLOADS.md's box generator: log-uniform side in [16, 512], aspect in [0.5, 2]."""
+    """docs/WORKLOADS.md's box generator: log-uniform side in [16, 512], aspect in [0.5, 2]."""
     u = lambda: torch.rand(num, generator=gen, dtype=torch.float64)  # noqa: E731
     s = torch.exp(math.log(16) + u() * (math.log(512) - math.log(16)))
     a = torch.exp(math.log(0.5) + u() * (math.log(2) - math.log(0.5)))

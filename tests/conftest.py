@@ -37,7 +37,7 @@ def random_boxes(
     clip: bool = True,
     dtype=None,
 ):
-    """Boxes as WORKLOADS.md draws them: log-uniform side and aspect, uniform centre.
+    """Boxes as docs/WORKLOADS.md draws them: log-uniform side and aspect, uniform centre.
 
     Returns Tensor[num, 5] (image index, x1, y1, x2, y2) in image pixels.
     """

@@ -1,4 +1,4 @@
-"""float64 references written from ../shared/docs/SEMANTICS.md, for what torchvision lacks
+"""float64 references written from docs/SEMANTICS.md, for what torchvision lacks
 (roi_align's max pooling, inputs where torchvision fails) and to cross-check everything else."""
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ def make_input(gen, n=2, c_out=3, output_size=(3, 3), h=23, w=31, dtype=torch.fl
 
 
 # ---------------------------------------------------------------------------------------------
-# float64 references written from SEMANTICS.md (for the boxes where torchvision is defective).
+# float64 references written from docs/SEMANTICS.md (for the boxes where torchvision is defective).
 # ---------------------------------------------------------------------------------------------
 
 

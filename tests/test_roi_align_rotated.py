@@ -1,4 +1,4 @@
-"""roi_align_rotated against a float64 reference written from SEMANTICS.md, and identities
+"""roi_align_rotated against a float64 reference written from docs/SEMANTICS.md, and identities
 (angle 0 is roi_align, angle 90 on a square is roi_align on the transposed map)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import roi_kernels
 
 # ---------------------------------------------------------------------------------------------
 # The reference: detectron2's ROIAlignRotated (aligned=True) / mmcv's legacy mode (aligned=False)
-# as SEMANTICS.md defines them, vectorised over a box's samples, in float64.
+# as docs/SEMANTICS.md defines them, vectorised over a box's samples, in float64.
 # ---------------------------------------------------------------------------------------------
 
 

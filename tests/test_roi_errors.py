@@ -1,8 +1,8 @@
-"""Bad input to every op: an error that names the argument (SEMANTICS.md, "Numbers and bad input"),
+"""Bad input to every op: an error that names the argument (docs/SEMANTICS.md, "Bad input"),
 one test per op and case, through the Python API and, where the Python layer does not check
 first, through ``torch.ops.roi_kernels`` directly.
 
-The cases of SEMANTICS.md: an image index outside [0, N), a box tensor of the wrong shape, a
+The cases of docs/SEMANTICS.md: an image index outside [0, N), a box tensor of the wrong shape, a
 non-positive output size, a non-positive spatial_scale, a dtype or device mismatch; and the
 arguments each op adds (sampling_ratio, pool_mode, the ps channel count, FPN levels, ...).
 """
@@ -63,7 +63,7 @@ def raises(exc, pattern: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# The cases of SEMANTICS.md, for every op
+# The cases of docs/SEMANTICS.md, for every op
 # ---------------------------------------------------------------------------------------------
 
 

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("targets", nargs="*", default=["localhost:50051"],
                    help="server addresses host:port (default localhost:50051); requests go to them in turn")
     w = p.add_argument_group("workload")
-    w.add_argument("--workload", default="tiny", choices=wl.NAMES, help="standard workload (WORKLOADS.md); default tiny")
+    w.add_argument("--workload", default="tiny", choices=wl.NAMES, help="standard workload (docs/WORKLOADS.md); default tiny")
     w.add_argument("--dtype", default="float32", choices=sorted(wl.DTYPES), help="feature dtype on the wire")
     w.add_argument("--op", choices=wl.OPS, help="replace the workload's op")
     w.add_argument("--boxes", type=int, help="replace the box count")

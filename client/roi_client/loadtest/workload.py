@@ -1,4 +1,4 @@
-"""The standard workloads of WORKLOADS.md as numpy arrays, and custom ones from the command line.
+"""The standard workloads of docs/WORKLOADS.md as numpy arrays, and custom ones from the command line.
 
 The client package does not depend on torch, so the boxes come from numpy's seeded generator
 with the same distribution as the benchmarks' torch generator (log-uniform side in [16, 512],
@@ -94,7 +94,7 @@ class Workload:
 
 
 def draw_boxes(rng: np.random.Generator, num: int, image_sizes: list[tuple[int, int]]) -> np.ndarray:
-    """``float32[num, 5]``: WORKLOADS.md's box generator, with numpy's generator."""
+    """``float32[num, 5]``: docs/WORKLOADS.md's box generator, with numpy's generator."""
     s = np.exp(rng.uniform(math.log(16), math.log(512), num))
     a = np.exp(rng.uniform(math.log(0.5), math.log(2), num))
     w, h = s * np.sqrt(a), s / np.sqrt(a)
