@@ -15,8 +15,8 @@
 //    serialised by a process-wide lock, so no two blocks ever share them at once). Their
 //    contents carry over from block to block, as nothing in CUDA promises either way; a kernel
 //    must not read what its block has not written.
-//  * __syncthreads() is a real barrier among the block's threads (mutex + condition variable,
-//    both understood by the sanitizers). A barrier that some threads of a block reach while
+//  * __syncthreads() is a real barrier among the block's threads (C++20 atomics with futex
+//    waits, whose ordering ThreadSanitizer models). A barrier that some threads of a block reach while
 //    others leave the kernel, or wait at a different barrier count, is reported as an error
 //    (on a GPU it is undefined behaviour: a hang or silently wrong data).
 //  * atomicAdd / atomicMax / atomicMin / atomicExch / atomicCAS for int, unsigned int,
@@ -37,7 +37,7 @@
 #endif
 
 #include <atomic>
-#include <condition_variable>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <exception>
@@ -64,6 +64,22 @@
 #define __grid_constant__
 // __restrict__ is a host-compiler keyword already (g++ and clang).
 
+// CUDA's fast-math intrinsics. glibc declares some of these names (__expf, __logf, ...) as its
+// own internal functions, so a kernel calling them would compile here and silently run the C
+// library's accurate function instead of the GPU's approximation: renamed, they fail to
+// compile with a message that says why. (<cmath> is included above, so glibc's declarations
+// are already made.)
+#define __expf __expf_is_a_cuda_intrinsic_the_cpu_executor_does_not_support
+#define __exp10f __exp10f_is_a_cuda_intrinsic_the_cpu_executor_does_not_support
+#define __logf __logf_is_a_cuda_intrinsic_the_cpu_executor_does_not_support
+#define __log2f __log2f_is_a_cuda_intrinsic_the_cpu_executor_does_not_support
+#define __log10f __log10f_is_a_cuda_intrinsic_the_cpu_executor_does_not_support
+#define __sinf __sinf_is_a_cuda_intrinsic_the_cpu_executor_does_not_support
+#define __cosf __cosf_is_a_cuda_intrinsic_the_cpu_executor_does_not_support
+#define __tanf __tanf_is_a_cuda_intrinsic_the_cpu_executor_does_not_support
+#define __sincosf __sincosf_is_a_cuda_intrinsic_the_cpu_executor_does_not_support
+#define __powf __powf_is_a_cuda_intrinsic_the_cpu_executor_does_not_support
+
 // ---------------------------------------------------------------------------------------------
 // Built-in types and variables
 // ---------------------------------------------------------------------------------------------
@@ -86,6 +102,7 @@ struct ThreadState {
   dim3 block_dim{1, 1, 1};
   dim3 grid_dim{1, 1, 1};
   class Block* block = nullptr;  // the block this thread belongs to (null outside a launch)
+  unsigned int linear = 0;       // the thread's index in its block
 };
 
 inline thread_local ThreadState tls;
@@ -114,93 +131,115 @@ class LaunchError : public std::runtime_error {
 
 // The threads of one block and their barrier.
 //
-// Each thread arrives at a "phase point": a __syncthreads() (kind kSync) or the end of the
-// block (kind kBlockEnd). A phase completes when every thread has arrived; if the arrivals of
-// one phase are of different kinds, some threads skipped a barrier that others wait at, and
-// the block fails (every thread is released and the launch throws).
+// Each thread arrives at "phase points": a __syncthreads() (kind kSync, with its source line)
+// or the end of the block (kBlockEnd); a thread whose kernel threw arrives with kAbort. A
+// phase completes when every thread of the block has arrived. The last thread to arrive
+// checks that all arrivals were at the same point; if not, some threads skipped a barrier
+// that others wait at (undefined behaviour on a GPU), and the block fails: every thread is
+// released and unwinds, and the launch throws.
+//
+// Built on C++20 atomics (fetch_add with acquire-release, and atomic wait/notify, i.e. futex
+// wakes): ThreadSanitizer models them, so the barrier's ordering is what it sees, and a shared
+// variable written before a __syncthreads() and read after it is no race, while one read
+// without the barrier is.
 class Block {
  public:
-  enum Kind : int { kSync = 0, kBlockEnd = 1 };
+  enum Kind : unsigned int { kSync = 0, kBlockEnd = 1, kAbort = 2 };
 
-  explicit Block(unsigned int threads) : threads_(threads) {}
+  explicit Block(unsigned int threads) : threads_(threads), points_(threads) {}
 
-  // Returns false when the block has failed (the caller unwinds). `line` names the
-  // __syncthreads() call (0 for the end of the block).
-  bool arrive(Kind kind, unsigned int line = 0) {
-    std::unique_lock<std::mutex> lock(mutex_);
-    if (failed_) {
-      return false;
+  // Returns false when the block has failed (the caller unwinds).
+  bool arrive(unsigned int thread, Kind kind, unsigned int line = 0) {
+    points_[thread] = Point{kind, line};
+    const uint64_t generation = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == threads_) {
+      check_points();  // every arrival's point happens-before this (the fetch_add chain)
+      // The verdict of this phase: stable until every thread has read it, since the next
+      // phase cannot complete before they all arrive again.
+      phase_failed_.store(failed_.load(std::memory_order_acquire), std::memory_order_relaxed);
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
+      generation_.notify_all();
+    } else {
+      uint64_t now = generation_.load(std::memory_order_acquire);
+      while (now == generation) {
+        generation_.wait(now, std::memory_order_acquire);
+        now = generation_.load(std::memory_order_acquire);
+      }
     }
-    if (arrived_ == 0) {
-      kind_ = kind;
-      line_ = line;
-    } else if (kind != kind_) {
-      fail_locked(
-          "__syncthreads() at line " + std::to_string(kind == kSync ? line : line_) +
-          " was reached by some threads of block " + where() +
-          " while others finished the block: a barrier in divergent code (undefined behaviour on a GPU)");
-      return false;
-    } else if (line != line_) {
-      fail_locked(
-          "threads of block " + where() + " wait at different __syncthreads() calls (lines " +
-          std::to_string(line_) + " and " + std::to_string(line) +
-          "): a barrier in divergent code (undefined behaviour on a GPU)");
-      return false;
-    }
-    if (++arrived_ == threads_) {
-      arrived_ = 0;
-      ++generation_;
-      cv_.notify_all();
-      return true;
-    }
-    const uint64_t generation = generation_;
-    cv_.wait(lock, [&] { return generation_ != generation || failed_; });
-    return !failed_ || generation_ != generation;
+    return !phase_failed_.load(std::memory_order_relaxed);
   }
 
+  // Records why the block fails (first reason wins); the phase in progress still completes.
   void fail(const std::string& why) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    fail_locked(why);
+    std::lock_guard<std::mutex> lock(error_mutex_);
+    if (error_.empty()) {
+      error_ = why;
+    }
+    failed_.store(true, std::memory_order_release);
   }
 
-  bool failed() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return failed_;
+  bool failed() const {
+    return failed_.load(std::memory_order_acquire);
   }
 
   std::string error() {
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::lock_guard<std::mutex> lock(error_mutex_);
     return error_;
   }
 
   void set_block(uint3 b) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    block_ = b;  // for messages
+    block_ = b;  // by thread 0 before it reaches the block's first phase point
   }
 
  private:
+  struct Point {
+    unsigned int kind;
+    unsigned int line;
+  };
+
   std::string where() const {
     std::ostringstream s;
     s << "(" << block_.x << ", " << block_.y << ", " << block_.z << ")";
     return s.str();
   }
 
-  void fail_locked(const std::string& why) {
-    if (!failed_) {
-      failed_ = true;
-      error_ = why;
+  void check_points() {
+    const Point first = points_[0];
+    for (unsigned int t = 0; t < threads_; ++t) {
+      const Point p = points_[t];
+      if (p.kind == kAbort) {
+        return;  // fail() has recorded the reason
+      }
     }
-    cv_.notify_all();
+    for (unsigned int t = 1; t < threads_; ++t) {
+      const Point p = points_[t];
+      if (p.kind == first.kind && p.line == first.line) {
+        continue;
+      }
+      std::ostringstream s;
+      if (p.kind != first.kind) {
+        const unsigned int line = p.kind == kSync ? p.line : first.line;
+        const unsigned int waiting = p.kind == kSync ? t : 0;
+        s << "__syncthreads() at line " << line << " was reached by thread " << waiting << " of block " << where()
+          << " while thread " << (waiting == 0 ? t : 0)
+          << " finished the block: a barrier in divergent code (undefined behaviour on a GPU)";
+      } else {
+        s << "threads 0 and " << t << " of block " << where() << " wait at different __syncthreads() calls (lines "
+          << first.line << " and " << p.line << "): a barrier in divergent code (undefined behaviour on a GPU)";
+      }
+      fail(s.str());
+      return;
+    }
   }
 
   const unsigned int threads_;
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  unsigned int arrived_ = 0;
-  int kind_ = kSync;
-  unsigned int line_ = 0;
-  uint64_t generation_ = 0;
-  bool failed_ = false;
+  std::vector<Point> points_;  // each thread's slot, written before it arrives
+  std::atomic<unsigned int> arrived_{0};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<bool> failed_{false};
+  std::atomic<bool> phase_failed_{false};
+  std::mutex error_mutex_;
   std::string error_;
   uint3 block_{0, 0, 0};
 };
@@ -213,7 +252,7 @@ inline void syncthreads(unsigned int line) {
   if (b == nullptr) {
     throw LaunchError("__syncthreads() called outside a kernel launch");
   }
-  if (!b->arrive(Block::kSync, line)) {
+  if (!b->arrive(tls.linear, Block::kSync, line)) {
     throw Unwind{};
   }
 }
@@ -285,14 +324,13 @@ void launch(dim3 grid, dim3 block, Body&& body) {
   ++cfg.launches;
 
   Block blk(static_cast<unsigned int>(threads));
-  std::mutex error_mutex;
-  std::string error;
   auto worker = [&](unsigned int linear) {
     ThreadState& st = tls;
     st.thread_idx = uint3{linear % block.x, (linear / block.x) % block.y, linear / (block.x * block.y)};
     st.block_dim = block;
     st.grid_dim = g;
     st.block = &blk;
+    st.linear = linear;
     for (unsigned int bz = 0; bz < g.z; ++bz) {
       for (unsigned int by = 0; by < g.y; ++by) {
         for (unsigned int bx = 0; bx < g.x; ++bx) {
@@ -300,21 +338,20 @@ void launch(dim3 grid, dim3 block, Body&& body) {
           if (linear == 0) {
             blk.set_block(st.block_idx);
           }
+          Block::Kind end = Block::kBlockEnd;
           try {
             body();
           } catch (const Unwind&) {
             st.block = nullptr;
-            return;
+            return;  // the block failed at a phase point every thread has passed
           } catch (const std::exception& e) {
             blk.fail(std::string("a kernel thread threw: ") + e.what());
-            st.block = nullptr;
-            return;
+            end = Block::kAbort;
           } catch (...) {
             blk.fail("a kernel thread threw a non-standard exception");
-            st.block = nullptr;
-            return;
+            end = Block::kAbort;
           }
-          if (!blk.arrive(Block::kBlockEnd)) {
+          if (!blk.arrive(linear, end)) {
             st.block = nullptr;
             return;
           }
