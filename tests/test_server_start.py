@@ -140,6 +140,19 @@ def test_a_cold_start_says_it_compiles_where_and_how_long_and_the_next_start_onl
     assert "compil" not in log.read_text(), log.read_text()
 
 
+def test_a_failed_compile_names_the_compilers_log_and_exits_1(tmp_path):
+    build = tmp_path / "build"
+    env = _env(ROI_KERNELS_BUILD_DIR=str(build), ROI_KERNELS_CUDA="0", CXX="/bin/false")
+    run = subprocess.run(
+        roi_server_command() + ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    output = run.stdout + run.stderr
+    assert run.returncode == 1, output
+    assert "compiling the kernels failed" in output and str(build / "build.log") in output, output
+    assert "Traceback" not in output
+
+
 # ---------------------------------------------------------------------------------------------
 # Ports in use
 
