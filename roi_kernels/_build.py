@@ -19,6 +19,11 @@ rebuilds it only when a source changes). Environment variables:
     an image that runs on other machines).
 ``TORCH_CUDA_ARCH_LIST``
     The GPU architectures to compile for, as everywhere in PyTorch.
+``ROI_KERNELS_NVCC_FLAGS``
+    Extra nvcc flags, space-separated (e.g. ``--resource-usage``).
+``ROI_KERNELS_CSRC``
+    The C++/CUDA source folder to build (default: the package's ``csrc/``); for trying
+    modified kernels without touching the installed package (scripts/mutate_cuda_kernels.py).
 ``ROI_KERNELS_VERBOSE``
     ``1`` prints the compiler's commands and output.
 """
@@ -37,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-_CSRC = Path(__file__).resolve().parent / "csrc"
+_CSRC = Path(os.environ.get("ROI_KERNELS_CSRC") or Path(__file__).resolve().parent / "csrc")
 _LOCK = threading.Lock()
 _LOADED: dict[str, object] = {}
 
@@ -161,6 +166,13 @@ def _source_tree() -> dict[str, bytes]:
 _CUDA_FLAGS = ["-O3", "-lineinfo", "--fmad=false"]
 
 
+def _cuda_flags() -> list[str]:
+    # No --use_fast_math and no fused multiply-adds: the GPU must round the sample geometry,
+    # weights and level assignment exactly as the CPU does. ROI_KERNELS_NVCC_FLAGS adds flags
+    # (e.g. --resource-usage, which scripts/cuda_resources.py reads).
+    return _CUDA_FLAGS + os.environ.get("ROI_KERNELS_NVCC_FLAGS", "").split()
+
+
 def _emulated_flags() -> list[str]:
     return [f for f in _cpu_flags() if f != "-O3"] + ["-O2", "-pthread", "-DROI_KERNELS_CUDA_EMULATED"]
 
@@ -180,7 +192,7 @@ def build_key(flavour: str) -> str:
     add(flavour, torch.__version__, torch.version.cuda or "none", EXTENSION_NAME)
     add(*_cpu_flags(), os.environ.get("CXX", ""), os.environ.get("CC", ""))
     if flavour == "cuda":
-        add(*_CUDA_FLAGS, os.environ.get("TORCH_CUDA_ARCH_LIST", ""), str(cuda_toolkit()))
+        add(*_cuda_flags(), os.environ.get("TORCH_CUDA_ARCH_LIST", ""), str(cuda_toolkit()))
     if flavour == "cuda-emulated":
         add(*_emulated_flags())
     for name, data in _source_tree().items():
@@ -322,9 +334,7 @@ def _compile_and_load(flavour: str, verbose: bool | None) -> LoadInfo:
             sources=[str(src / f) for f in _relative_sources(flavour)],
             extra_include_paths=[str(src)],
             extra_cflags=cflags,
-            # No --use_fast_math and no fused multiply-adds: the GPU must round the sample
-            # geometry, weights and level assignment exactly as the CPU does.
-            extra_cuda_cflags=_CUDA_FLAGS,
+            extra_cuda_cflags=_cuda_flags(),
             extra_ldflags=["-fopenmp"] + (["-pthread"] if flavour == "cuda-emulated" else []),
             build_directory=str(directory),
             with_cuda=with_cuda,
@@ -341,7 +351,28 @@ def _compile_and_load(flavour: str, verbose: bool | None) -> LoadInfo:
     seconds = time.perf_counter() - start
     (directory / "build.log").unlink(missing_ok=True)  # a log of an earlier failure
     after = library.stat().st_mtime_ns if library.exists() else None
+    if not os.environ.get("ROI_KERNELS_BUILD_DIR"):
+        _prune_cache(directory, flavour)
     return LoadInfo(directory, with_cuda, seconds, fresh, compiled=after != before)
+
+
+KEEP_BUILDS = 4  # cache folders kept per flavour: the ones of the last few sources and versions
+
+
+def _prune_cache(current: Path, flavour: str) -> None:
+    """Removes the least recently used cache folders of this flavour beyond KEEP_BUILDS (each
+    source change or upgrade makes a new one); never the one just loaded. A folder's use is the
+    time its library was last loaded (the folder's mtime, touched here)."""
+    try:
+        os.utime(current)
+        prefix = f"torch{torch.__version__.replace('+', '_')}-{flavour}-"
+        siblings = [p for p in current.parent.iterdir() if p.is_dir() and p.name.startswith(prefix) and p != current]
+        siblings = [p for p in siblings if len(p.name) == len(prefix) + 16]  # ours: a 16-digit key
+        siblings.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in siblings[KEEP_BUILDS - 1 :]:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError:
+        pass  # a cache that cannot be pruned is no reason to fail a load
 
 
 def _library_path(directory: Path, flavour: str) -> Path:
