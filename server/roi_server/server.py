@@ -147,7 +147,11 @@ async def _end_process_group(proc: asyncio.subprocess.Process, patience_s: float
     process group of its own, inside the session), then SIGKILL to what is left after
     ``patience_s``."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in {proc.pid, *_session_members(proc.pid)}:
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for pid in _session_members(proc.pid):
             try:
                 os.kill(pid, sig)
             except (ProcessLookupError, PermissionError):
@@ -161,9 +165,14 @@ async def _end_process_group(proc: asyncio.subprocess.Process, patience_s: float
 
 
 def _session_members(session: int) -> list[int]:
-    """Live (not zombie) processes of the session ``session``, from /proc (Linux)."""
-    members = []
-    for entry in os.scandir("/proc"):
+    """Live (not zombie) processes of the session ``session``, from /proc (Linux; elsewhere
+    none are known, and the process group's signal is all the stop sends)."""
+    members: list[int] = []
+    try:
+        entries = list(os.scandir("/proc"))
+    except OSError:
+        return members
+    for entry in entries:
         if not entry.name.isdigit():
             continue
         try:
