@@ -45,6 +45,7 @@ class Kernel:
     def short(self) -> str:
         """roi_kernels::cuda::align::roi_align_kernel<float, true, false>(...) -> align::roi_align_kernel<float, true, false>"""
         n = self.name.split("(")[0]
+        n = n[len("void ") :] if n.startswith("void ") else n
         return n.replace("roi_kernels::cuda::", "").replace("c10::", "")
 
     def occupancy(self, threads: int = THREADS, limits: dict = SM90) -> tuple[float, str]:
@@ -61,7 +62,9 @@ class Kernel:
 
 _ENTRY = re.compile(r"ptxas info\s*: Compiling entry function '(\S+)' for '(sm_\d+a?)'")
 _PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-_USED = re.compile(r"ptxas info\s*: Used (\d+) registers(?:, used (\d+) barriers)?(?:, (\d+) bytes smem)?")
+_USED = re.compile(r"ptxas info\s*: Used (\d+) registers")
+_BARRIERS = re.compile(r"used (\d+) barriers")
+_SMEM = re.compile(r"(\d+) bytes smem")
 
 
 def demangle(names: list[str]) -> list[str]:
@@ -91,8 +94,9 @@ def parse(text: str) -> list[Kernel]:
         m = _USED.search(line)
         if m:
             current.registers = int(m[1])
-            current.barriers = int(m[2] or 0)
-            current.shared = int(m[3] or 0)
+            b, smem = _BARRIERS.search(line), _SMEM.search(line)
+            current.barriers = int(b[1]) if b else 0
+            current.shared = int(smem[1]) if smem else 0
             current = None
     for k, name in zip(kernels, demangle([k.name for k in kernels])):
         k.name = name

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import re
@@ -28,6 +29,7 @@ import roi_kernels
 from roi_kernels import _build, build
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
 OPS = {
     "roi_align",
     "roi_align_ragged",
@@ -57,7 +59,9 @@ def cuda_build(tmp_path_factory):
     folder = tmp_path_factory.mktemp("roi-cuda-build")
     env = dict(os.environ, ROI_KERNELS_CUDA="1", ROI_KERNELS_BUILD_DIR=str(folder), CUDA_HOME=str(TOOLKIT))
     env["TORCH_CUDA_ARCH_LIST"] = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or "9.0"
-    env.pop("ROI_KERNELS_VERBOSE", None)
+    # ptxas reports each kernel's registers, shared memory and spills (read by the resource test).
+    env["ROI_KERNELS_NVCC_FLAGS"] = "--resource-usage"
+    env["ROI_KERNELS_VERBOSE"] = "1"
     proc = subprocess.run(
         [str(BIN / "roi-kernels-build"), "--clean"], env=env, capture_output=True, text=True, timeout=1800
     )
@@ -97,6 +101,38 @@ def test_every_cuda_source_was_compiled(cuda_build):
     arch = (os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or "9.0").split(";")[0].replace("+PTX", "")
     assert f"arch=compute_{arch.replace('.', '')}" in ninja
     assert "--fmad=false" in ninja, "the GPU must round the shared geometry as the CPU does"
+
+
+# Every __global__ template instantiated by the .cu files: (kernel, instantiations).
+KERNEL_INSTANTIATIONS = {
+    "align::roi_align_kernel": 4 * 2 * 2,  # dtypes x (avg, max) x (NCHW, channels_last)
+    "pool::roi_pool_kernel": 4 * 2,
+    "ps_align::ps_roi_align_kernel": 4,
+    "ps_pool::ps_roi_pool_kernel": 4,
+    "rotated::roi_align_rotated_kernel": 4,
+}
+
+
+@needs_nvcc
+def test_no_kernel_spills_or_exceeds_48k_of_shared_memory(cuda_build):
+    """ptxas's --resource-usage for every kernel instantiation (the CPU cannot show this):
+    no spill stores or loads, and at most 48 KiB of static shared memory per block (the most
+    a block may declare statically). The table with occupancies is in benchmarks/RESULTS.md
+    (python scripts/cuda_resources.py)."""
+    proc, _ = cuda_build
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    spec = importlib.util.spec_from_file_location("cuda_resources", ROOT / "scripts" / "cuda_resources.py")
+    resources = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(resources)
+    kernels = resources.parse(proc.stdout + proc.stderr)
+    arch = (os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or "9.0").split(";")
+    for name, count in KERNEL_INSTANTIATIONS.items():
+        found = [k for k in kernels if k.short.startswith(name + "<")]
+        assert len(found) == count * len(arch), f"{name}: {len(found)} instantiations in ptxas's report"
+    for k in kernels:
+        assert k.spill_stores == 0 and k.spill_loads == 0, f"{k.short} ({k.arch}) spills: {k}"
+        assert k.shared <= 48 * 1024, f"{k.short} ({k.arch}) uses {k.shared} bytes of static shared memory"
+        assert 0 < k.registers <= 255, k
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ constexpr int kLanes = 32;  // channels of a channels_last chunk: one per lane
 constexpr int64_t kTileBins = 64;  // bins per pass of the channels_last output staging
 constexpr int64_t kNchwOutputs = 2048;  // target outputs per NCHW job
 constexpr int64_t kMaxBlocks = int64_t(1) << 22;
+static_assert(kTileBins % (kThreads / kLanes) == 0, "a warp's bins step by the warps of a block");
 
 struct MapDesc {
   const void* data;
@@ -277,21 +278,34 @@ __global__ void __launch_bounds__(cuda::kThreads) roi_align_kernel(
       const int warp = threadIdx.x / kLanes;
       const int warps = blockDim.x / kLanes;
       const scalar_t* p = base + lane * stride_c;
+      // A warp's bins are warp, warp + warps, ... across the passes (kTileBins is a multiple
+      // of warps), so (ph, pw) advances by steps instead of a division per bin (a 64-bit
+      // division is a call, whose saved registers ptxas counts as spills).
+      int64_t ph = 0, pw = warp;
+      while (pw >= pooled_width) {
+        pw -= pooled_width;
+        ++ph;
+      }
       for (int64_t b0 = 0; b0 < bins; b0 += kTileBins) {
         const int64_t bn = math::min_of(kTileBins, bins - b0);
-        if (lane < cn) {
-          for (int64_t j = warp; j < bn; j += warps) {
-            int64_t ph = 0, pw = 0;
-            split(b0 + j, pooled_width, ph, pw);
+        for (int64_t j = warp; j < bn; j += warps) {
+          if (lane < cn) {
             tile[lane * (kTileBins + 1) + j] = state == kSharedTaps
                 ? bin_from_table<kMax>(p, y_taps + ph * gh, x_taps + pw * gw, gh, gw, samples, count)
                 : bin_computed<kMax>(plan, p, ph, pw);
           }
+          pw += warps;
+          while (pw >= pooled_width) {
+            pw -= pooled_width;
+            ++ph;
+          }
         }
         __syncthreads();
-        for (int64_t t = threadIdx.x; t < cn * bn; t += blockDim.x) {
-          int64_t c = 0, j = 0;
-          split(t, bn, c, j);
+        // cn * bn <= kLanes * kTileBins: 32-bit arithmetic (a 64-bit division is a call, whose
+        // saved registers ptxas counts as spills).
+        const int tile_n = static_cast<int>(cn * bn), tile_w = static_cast<int>(bn);
+        for (int t = threadIdx.x; t < tile_n; t += blockDim.x) {
+          const int c = t / tile_w, j = t - c * tile_w;
           o[c * bins + b0 + j] = static_cast<scalar_t>(tile[c * (kTileBins + 1) + j]);
         }
         __syncthreads();

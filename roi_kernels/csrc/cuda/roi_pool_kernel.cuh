@@ -174,9 +174,11 @@ __global__ void __launch_bounds__(cuda::kThreads) roi_pool_kernel(
           }
         }
         __syncthreads();
-        for (int64_t t = threadIdx.x; t < cn * bn; t += blockDim.x) {
-          int64_t c = 0, j = 0;
-          split(t, bn, c, j);
+        // cn * bn <= kLanes * kTileBins: 32-bit arithmetic (a 64-bit division is a call, whose
+        // saved registers ptxas counts as spills).
+        const int tile_n = static_cast<int>(cn * bn), tile_w = static_cast<int>(bn);
+        for (int t = threadIdx.x; t < tile_n; t += blockDim.x) {
+          const int c = t / tile_w, j = t - c * tile_w;
           o[c * bins + b0 + j] = static_cast<scalar_t>(tile[c * (kTileBins + 1) + j]);
         }
         __syncthreads();
