@@ -123,6 +123,7 @@ def test_no_kernel_spills_or_exceeds_48k_of_shared_memory(cuda_build):
     assert proc.returncode == 0, proc.stderr[-4000:]
     spec = importlib.util.spec_from_file_location("cuda_resources", ROOT / "scripts" / "cuda_resources.py")
     resources = importlib.util.module_from_spec(spec)
+    sys.modules["cuda_resources"] = resources  # dataclasses look their module up there
     spec.loader.exec_module(resources)
     kernels = resources.parse(proc.stdout + proc.stderr)
     arch = (os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or "9.0").split(";")

@@ -261,9 +261,11 @@ def test_ps_roi_align(emu, seed, dtype, kind, sampling_ratio):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", LAYOUTS)
-def test_ps_roi_pool(emu, seed, dtype, kind):
+@pytest.mark.parametrize("output_size", [(3, 3), (3, 2)])
+def test_ps_roi_pool(emu, seed, dtype, kind, output_size):
+    """(3, 2): a kernel that mixes up the output's height and width fails."""
     gen = torch.Generator().manual_seed(seed)
-    ph, pw = 3, 3
+    ph, pw = output_size
     x = feature_map(gen, 2, 4 * ph * pw, 12, 16, dtype, kind)
     rois = align_boxes(gen, 8, 12, 16, 2, 0.5, box_dtype(dtype))
     args = (rois, 0.5, ph, pw)
