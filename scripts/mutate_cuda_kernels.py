@@ -143,13 +143,18 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "mutants.json")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--retry", type=Path, help="try again the mutants that survived in this earlier JSON output")
     args = parser.parse_args(argv)
 
     every = candidates()
-    rng = random.Random(args.seed)
-    barriers = [m for m in every if m.kind == "barrier removed"]
-    others = [m for m in every if m.kind != "barrier removed"]
-    chosen = barriers + rng.sample(others, max(0, min(len(others), args.count - len(barriers))))
+    if args.retry:
+        earlier = json.loads(args.retry.read_text())["mutants"]
+        chosen = [Mutant(**{**m, "outcome": "", "detail": "", "seconds": 0.0}) for m in earlier if m["outcome"] == "survived"]
+    else:
+        rng = random.Random(args.seed)
+        barriers = [m for m in every if m.kind == "barrier removed"]
+        others = [m for m in every if m.kind != "barrier removed"]
+        chosen = barriers + rng.sample(others, max(0, min(len(others), args.count - len(barriers))))
     print(f"{len(every)} candidate mutants in {KERNELS}; trying {len(chosen)}", file=sys.stderr)
 
     work = Path(tempfile.mkdtemp(prefix="roi-mutants-"))
