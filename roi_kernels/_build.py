@@ -211,10 +211,14 @@ def build_dir(with_cuda: bool, flavour: str | None = None) -> Path:
             path = path / "cuda-emulated"
     else:
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-        version = torch.__version__.replace("+", "_")
-        path = cache / "roi_kernels" / f"torch{version}-{flavour}-{build_key(flavour)}"
+        path = cache / "roi_kernels" / f"{_cache_prefix(flavour)}{build_key(flavour)}"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _cache_prefix(flavour: str) -> str:
+    """The cache folder's name before its key: torch's version and the flavour."""
+    return f"torch{torch.__version__.replace('+', '_')}-{flavour}-"
 
 
 def _stage_sources(directory: Path) -> Path:
@@ -365,7 +369,7 @@ def _prune_cache(current: Path, flavour: str) -> None:
     time its library was last loaded (the folder's mtime, touched here)."""
     try:
         os.utime(current)
-        prefix = f"torch{torch.__version__.replace('+', '_')}-{flavour}-"
+        prefix = _cache_prefix(flavour)
         siblings = [p for p in current.parent.iterdir() if p.is_dir() and p.name.startswith(prefix) and p != current]
         siblings = [p for p in siblings if len(p.name) == len(prefix) + 16]  # ours: a 16-digit key
         siblings.sort(key=lambda p: p.stat().st_mtime, reverse=True)

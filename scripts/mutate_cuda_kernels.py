@@ -55,9 +55,8 @@ OPERATORS = [
     ("index", r"\* 6\b", "* 5"),
     ("swapped", r"\bpooled_width\b", "pooled_height"),
     ("swapped", r"\bpooled_height\b", "pooled_width"),
-    ("swapped", r"\bmap\.sH\b", "map.sW"),
-    ("swapped", r"\bmap\.sW\b", "map.sH"),
     ("swapped", r"\bstride_h\b", "stride_w"),
+    ("swapped", r"\bstride_w\b", "stride_h"),
 ]
 
 

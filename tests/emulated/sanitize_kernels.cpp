@@ -83,6 +83,10 @@ Map make_map(int64_t n, int64_t c, int64_t h, int64_t w, Layout l) {
   return m;
 }
 
+rk::cuda::MapView view(const Map& m) {
+  return rk::cuda::MapView{m.n, m.c, m.h, m.w, m.sn, m.sc, m.sh, m.sw};
+}
+
 // Boxes (image index, x1, y1, x2, y2) on an image of [h, w] / scale: random ones, and the
 // ones that break kernels. Indices outside [0, images) are refused by the host before a launch;
 // a few are kept here all the same, since the kernels guard against them too.
@@ -196,7 +200,7 @@ void roi_align_set(
   auto rois_buf = std::make_unique<acc_t[]>(rois.size());
   std::copy(rois.begin(), rois.end(), rois_buf.get());
   auto out = std::make_unique<scalar_t[]>(k * channels * ph * pw);
-  const bool cl = rk::cuda::align::channels_last_mapping(channels, maps[0].sc);
+  const bool cl = rk::cuda::channels_last_mapping(channels, maps[0].sc);
   rk::cuda::align::launch_roi_align<scalar_t>(
       table, sel, rois_buf.get(), k, channels, ph, pw, sr, aligned, is_max, cl, out.get());
   report(what);
@@ -270,8 +274,8 @@ void pool_cases(const char* dtype) {
         auto out = std::make_unique<scalar_t[]>(k * m.c * size.first * size.second);
         cap(blocks);
         rk::cuda::pool::launch_roi_pool<scalar_t>(
-            in.get(), rk::cuda::pool::MapView{m.n, m.h, m.w, m.sn, m.sc, m.sh, m.sw}, rois.get(), k, m.c, 0.5,
-            size.first, size.second, rk::cuda::pool::channels_last_mapping(m.c, m.sc), out.get());
+            in.get(), view(m), rois.get(), k, m.c, 0.5,
+            size.first, size.second, rk::cuda::channels_last_mapping(m.c, m.sc), out.get());
         cap(0);
         report(std::string("roi_pool ") + dtype + " " + name(l) + " " + std::to_string(size.first) + "x" +
                std::to_string(size.second) + (blocks ? " grid of 2" : ""));
@@ -289,10 +293,10 @@ void pool_cases(const char* dtype) {
       auto out = std::make_unique<scalar_t[]>(total);
       cap(sr == 4 ? 1 : 0);
       rk::cuda::ps_align::launch_ps_roi_align<scalar_t>(
-          total, in.get(), rk::cuda::ps_align::MapDesc{m.n, m.h, m.w, m.sn, m.sc, m.sh, m.sw}, rois.get(),
+          total, in.get(), view(m), rois.get(),
           static_cast<acc_t>(0.5), ph, pw, sr, cout, out.get());
       rk::cuda::ps_pool::launch_ps_roi_pool<scalar_t>(
-          total, in.get(), rk::cuda::ps_pool::MapDesc{m.n, m.h, m.w, m.sn, m.sc, m.sh, m.sw}, rois.get(),
+          total, in.get(), view(m), rois.get(),
           static_cast<acc_t>(0.5), ph, pw, cout, out.get());
       cap(0);
       report(std::string("ps_roi_align, ps_roi_pool ") + dtype + " " + name(l) + " sr=" + std::to_string(sr));
@@ -308,7 +312,7 @@ void pool_cases(const char* dtype) {
         const int64_t total = k * m.c * 3 * 4;
         auto out = std::make_unique<scalar_t[]>(total);
         rk::cuda::rotated::launch_roi_align_rotated<scalar_t>(
-            total, in.get(), rk::cuda::rotated::MapDesc{m.n, m.c, m.h, m.w, m.sn, m.sc, m.sh, m.sw}, rois.get(),
+            total, in.get(), view(m), rois.get(),
             static_cast<acc_t>(0.5), 3, 4, sr, aligned, out.get());
         report(std::string("roi_align_rotated ") + dtype + " " + name(l) + " sr=" + std::to_string(sr) +
                (aligned ? " aligned" : ""));

@@ -33,6 +33,13 @@ inline unsigned int blocks_for(int64_t n, int threads = kThreads) {
   return static_cast<unsigned int>(std::min<int64_t>(std::max<int64_t>(b, 1), int64_t(1) << 20));
 }
 
+// A 4-D map [N, C, H, W] as the kernels that read one map take it: sizes and element strides
+// (any layout: NCHW, channels_last, strided views).
+struct MapView {
+  int64_t num_images, channels, height, width;
+  int64_t stride_n, stride_c, stride_h, stride_w;
+};
+
 // Grid-stride loop with 64-bit indices: outputs of more than 2^31 elements work.
 #define ROI_CUDA_KERNEL_LOOP(i, n)                                                         \
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); \

@@ -36,6 +36,11 @@ struct DeviceGuard {
 };
 #endif
 
+// A map's sizes and strides as the one-map kernels take them.
+inline MapView map_view(const at::Tensor& m) {
+  return MapView{m.size(0), m.size(1), m.size(2), m.size(3), m.stride(0), m.stride(1), m.stride(2), m.stride(3)};
+}
+
 // `bytes` bytes from host memory, copied into a new device buffer for the kernels to read.
 // On the GPU: pinned staging, so that the copy is queued on the stream without a host sync
 // (the caching host allocator keeps the staging buffer until the copy has run).

@@ -22,16 +22,11 @@ namespace roi_kernels {
 namespace cuda {
 namespace ps_align {
 
-struct MapDesc {
-  int64_t num_images, height, width;
-  int64_t sN, sC, sH, sW;
-};
-
 template <typename scalar_t, typename acc_t>
 __global__ void ps_roi_align_kernel(
     int64_t total,
     const scalar_t* __restrict__ input,
-    MapDesc map,
+    MapView map,
     const acc_t* __restrict__ rois,
     acc_t spatial_scale,
     int64_t pooled_height,
@@ -53,8 +48,8 @@ __global__ void ps_roi_align_kernel(
     const math::AlignGeometry<acc_t> g = math::ps_align_geometry<acc_t>(
         b[1], b[2], b[3], b[4], spatial_scale, pooled_height, pooled_width, sampling_ratio);
     const scalar_t* plane =
-        input + n * map.sN + math::ps_input_channel(c, ph, pw, pooled_height, pooled_width) * map.sC;
-    const int64_t sH = map.sH, sW = map.sW;
+        input + n * map.stride_n + math::ps_input_channel(c, ph, pw, pooled_height, pooled_width) * map.stride_c;
+    const int64_t sH = map.stride_h, sW = map.stride_w;
     acc_t sum = 0;
     math::for_each_bin_sample(
         g, ph, pw, map.height, map.width, [&](const math::AxisTap<acc_t>& ty, const math::AxisTap<acc_t>& tx) {
@@ -69,7 +64,7 @@ template <typename scalar_t>
 void launch_ps_roi_align(
     int64_t total,
     const scalar_t* __restrict__ input,
-    MapDesc map,
+    MapView map,
     const at::opmath_type<scalar_t>* __restrict__ rois,
     at::opmath_type<scalar_t> spatial_scale,
     int64_t pooled_height,

@@ -43,8 +43,7 @@ at::Tensor ps_roi_pool_forward_kernel(
   if (total == 0) {
     return out;
   }
-  const cuda::ps_pool::MapDesc map{input.size(0), input.size(2), input.size(3),
-                    input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
+  const cuda::MapView map = cuda::map_view(input);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ps_roi_pool", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     cuda::ps_pool::launch_ps_roi_pool<scalar_t>(

@@ -20,16 +20,11 @@ namespace roi_kernels {
 namespace cuda {
 namespace ps_pool {
 
-struct MapDesc {
-  int64_t num_images, height, width;
-  int64_t sN, sC, sH, sW;
-};
-
 template <typename scalar_t, typename acc_t>
 __global__ void ps_roi_pool_kernel(
     int64_t total,
     const scalar_t* __restrict__ input,
-    MapDesc map,
+    MapView map,
     const acc_t* __restrict__ rois,
     acc_t spatial_scale,
     int64_t pooled_height,
@@ -58,11 +53,11 @@ __global__ void ps_roi_pool_kernel(
       continue;
     }
     const scalar_t* plane =
-        input + n * map.sN + math::ps_input_channel(c, ph, pw, pooled_height, pooled_width) * map.sC;
+        input + n * map.stride_n + math::ps_input_channel(c, ph, pw, pooled_height, pooled_width) * map.stride_c;
     acc_t sum = 0;
     for (int64_t y = y0; y < y1; ++y) {
       for (int64_t x = x0; x < x1; ++x) {
-        sum += static_cast<acc_t>(plane[y * map.sH + x * map.sW]);
+        sum += static_cast<acc_t>(plane[y * map.stride_h + x * map.stride_w]);
       }
     }
     out[index] = static_cast<scalar_t>(math::average(sum, math::pool_bin_area<acc_t>(y0, y1, x0, x1)));
@@ -74,7 +69,7 @@ template <typename scalar_t>
 void launch_ps_roi_pool(
     int64_t total,
     const scalar_t* __restrict__ input,
-    MapDesc map,
+    MapView map,
     const at::opmath_type<scalar_t>* __restrict__ rois,
     at::opmath_type<scalar_t> spatial_scale,
     int64_t pooled_height,

@@ -73,7 +73,7 @@ at::Tensor run(
   }
   const DeviceMaps maps = describe_maps(s);
   const math::MapSelection sel = s.selection();
-  const bool channels_last = cuda::align::channels_last_mapping(s.channels, s.first().stride(1));
+  const bool channels_last = cuda::channels_last_mapping(s.channels, s.first().stride(1));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.first().scalar_type(), "roi_align_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     cuda::align::launch_roi_align<scalar_t>(

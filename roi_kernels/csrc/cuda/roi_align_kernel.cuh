@@ -39,6 +39,7 @@
 #include <cstdint>
 
 #include "../roi_math.h"
+#include "box_jobs.cuh"
 #include "device.cuh"
 
 namespace roi_kernels {
@@ -48,11 +49,6 @@ namespace align {
 constexpr int kInlineMaps = 8;
 // Taps per axis that a box may keep in shared memory (e.g. 7 bins x 2 samples uses 14).
 constexpr int64_t kTapCapacity = 256;
-constexpr int kLanes = 32;  // channels of a channels_last chunk: one per lane
-constexpr int64_t kTileBins = 64;  // bins per pass of the channels_last output staging
-constexpr int64_t kNchwOutputs = 2048;  // target outputs per NCHW job
-constexpr int64_t kMaxBlocks = int64_t(1) << 22;
-static_assert(kTileBins % (kThreads / kLanes) == 0, "a warp's bins step by the warps of a block");
 
 struct MapDesc {
   const void* data;
@@ -301,41 +297,11 @@ __global__ void __launch_bounds__(cuda::kThreads) roi_align_kernel(
           }
         }
         __syncthreads();
-        // cn * bn <= kLanes * kTileBins: 32-bit arithmetic (a 64-bit division is a call, whose
-        // saved registers ptxas counts as spills).
-        const int tile_n = static_cast<int>(cn * bn), tile_w = static_cast<int>(bn);
-        for (int t = threadIdx.x; t < tile_n; t += blockDim.x) {
-          const int c = t / tile_w, j = t - c * tile_w;
-          o[c * bins + b0 + j] = static_cast<scalar_t>(tile[c * (kTileBins + 1) + j]);
-        }
+        write_staged_tile(tile, o, cn, bn, bins, b0);
         __syncthreads();
       }
     }
   }
-}
-
-// How a batch of boxes is cut into jobs: (box, chunk of channels) per block.
-struct LaunchShape {
-  int64_t chunk_channels;
-  int64_t chunks;
-  int64_t blocks;
-};
-
-// channels_last: one channel per lane; NCHW: about kNchwOutputs outputs a job, so that the
-// shared tables serve many threads.
-inline LaunchShape launch_shape(int64_t num_boxes, int64_t channels, int64_t bins, bool channels_last) {
-  LaunchShape s;
-  s.chunk_channels = channels_last ? kLanes : math::max_of<int64_t>(1, math::min_of<int64_t>(channels, kNchwOutputs / bins));
-  s.chunks = (channels + s.chunk_channels - 1) / s.chunk_channels;
-  s.blocks = math::min_of(num_boxes * s.chunks, kMaxBlocks);
-  return s;
-}
-
-// Whether the kernel maps threads for channels_last (lanes over channels): the first map's
-// layout decides; every map is read with its own strides, so a set that mixes layouts is
-// still read correctly.
-inline bool channels_last_mapping(int64_t channels, int64_t channel_stride) {
-  return channels > 1 && channel_stride == 1;
 }
 
 template <typename scalar_t>

@@ -35,8 +35,7 @@ at::Tensor roi_align_rotated_forward_kernel(
   if (total == 0) {
     return out;
   }
-  const cuda::rotated::MapDesc map{input.size(0), input.size(1), input.size(2), input.size(3),
-                    input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
+  const cuda::MapView map = cuda::map_view(input);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "roi_align_rotated", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     cuda::rotated::launch_roi_align_rotated<scalar_t>(

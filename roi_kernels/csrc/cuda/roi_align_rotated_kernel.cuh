@@ -20,16 +20,11 @@ namespace roi_kernels {
 namespace cuda {
 namespace rotated {
 
-struct MapDesc {
-  int64_t num_images, channels, height, width;
-  int64_t sN, sC, sH, sW;
-};
-
 template <typename scalar_t, typename acc_t>
 __global__ void roi_align_rotated_kernel(
     int64_t total,
     const scalar_t* __restrict__ input,
-    MapDesc map,
+    MapView map,
     const acc_t* __restrict__ rois,
     acc_t spatial_scale,
     int64_t pooled_height,
@@ -50,10 +45,10 @@ __global__ void roi_align_rotated_kernel(
     }
     const math::RotatedGeometry<acc_t> g = math::rotated_geometry<acc_t>(
         b[1], b[2], b[3], b[4], b[5], spatial_scale, aligned, pooled_height, pooled_width, sampling_ratio);
-    const scalar_t* plane = input + n * map.sN + c * map.sC;
+    const scalar_t* plane = input + n * map.stride_n + c * map.stride_c;
     acc_t sum = 0;
     math::for_each_rotated_sample(
-        g, ph, pw, map.height, map.width, map.sH, map.sW, [&](const math::BilinearTaps<acc_t>& t) {
+        g, ph, pw, map.height, map.width, map.stride_h, map.stride_w, [&](const math::BilinearTaps<acc_t>& t) {
           sum += math::apply_taps<acc_t>(plane, t);
         });
     out[index] = static_cast<scalar_t>(math::average(sum, g.count));
@@ -65,7 +60,7 @@ template <typename scalar_t>
 void launch_roi_align_rotated(
     int64_t total,
     const scalar_t* __restrict__ input,
-    MapDesc map,
+    MapView map,
     const at::opmath_type<scalar_t>* __restrict__ rois,
     at::opmath_type<scalar_t> spatial_scale,
     int64_t pooled_height,

@@ -32,9 +32,8 @@ at::Tensor roi_pool_forward_kernel(
     return out;
   }
   const at::Tensor rois_acc = checks::rois_for_kernel(rois, input.scalar_type());
-  const bool channels_last = cuda::pool::channels_last_mapping(channels, input.stride(1));
-  const cuda::pool::MapView m{
-      input.size(0), input.size(2), input.size(3), input.stride(0), input.stride(1), input.stride(2), input.stride(3)};
+  const bool channels_last = cuda::channels_last_mapping(channels, input.stride(1));
+  const cuda::MapView m = cuda::map_view(input);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "roi_pool_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     cuda::pool::launch_roi_pool<scalar_t>(

@@ -27,6 +27,7 @@
 #include <cstdint>
 
 #include "../roi_math.h"
+#include "box_jobs.cuh"
 #include "device.cuh"
 
 namespace roi_kernels {
@@ -35,15 +36,6 @@ namespace pool {
 
 // Bin rows / columns whose cell ranges a box may keep in shared memory.
 constexpr int64_t kBinCapacity = 256;
-constexpr int kLanes = 32;  // channels of a channels_last chunk: one per lane
-constexpr int64_t kTileBins = 64;  // bins per pass of the channels_last output staging
-constexpr int64_t kNchwOutputs = 2048;  // target outputs per NCHW job
-constexpr int64_t kMaxBlocks = int64_t(1) << 22;
-
-struct MapView {
-  int64_t num_images, height, width;
-  int64_t stride_n, stride_c, stride_h, stride_w;
-};
 
 template <typename scalar_t>
 struct PoolPlan {
@@ -174,36 +166,11 @@ __global__ void __launch_bounds__(cuda::kThreads) roi_pool_kernel(
           }
         }
         __syncthreads();
-        // cn * bn <= kLanes * kTileBins: 32-bit arithmetic (a 64-bit division is a call, whose
-        // saved registers ptxas counts as spills).
-        const int tile_n = static_cast<int>(cn * bn), tile_w = static_cast<int>(bn);
-        for (int t = threadIdx.x; t < tile_n; t += blockDim.x) {
-          const int c = t / tile_w, j = t - c * tile_w;
-          o[c * bins + b0 + j] = static_cast<scalar_t>(tile[c * (kTileBins + 1) + j]);
-        }
+        write_staged_tile(tile, o, cn, bn, bins, b0);
         __syncthreads();
       }
     }
   }
-}
-
-// How a batch of boxes is cut into jobs: (box, chunk of channels) per block; as roi_align's.
-struct LaunchShape {
-  int64_t chunk_channels;
-  int64_t chunks;
-  int64_t blocks;
-};
-
-inline LaunchShape launch_shape(int64_t num_boxes, int64_t channels, int64_t bins, bool channels_last) {
-  LaunchShape s;
-  s.chunk_channels = channels_last ? kLanes : math::max_of<int64_t>(1, math::min_of<int64_t>(channels, kNchwOutputs / bins));
-  s.chunks = (channels + s.chunk_channels - 1) / s.chunk_channels;
-  s.blocks = math::min_of(num_boxes * s.chunks, kMaxBlocks);
-  return s;
-}
-
-inline bool channels_last_mapping(int64_t channels, int64_t channel_stride) {
-  return channels > 1 && channel_stride == 1;
 }
 
 template <typename scalar_t>
