@@ -83,15 +83,12 @@ def candidates() -> list[Mutant]:
         if path.name == "device.cuh":
             continue
         lines = path.read_text().splitlines()
-        depth_template = False
         for i, line in enumerate(lines):
             if not is_code(line):
                 continue
             code = line.split("//")[0]
             if "template <" in code or "#include" in code:
-                depth_template = True
                 continue
-            depth_template = False
             if code.strip() == "__syncthreads();" or code.strip().startswith("__syncthreads();"):
                 out.append(Mutant(path.name, i + 1, "barrier removed", line, line.replace("__syncthreads();", ";", 1)))
                 continue
@@ -103,7 +100,6 @@ def candidates() -> list[Mutant]:
                     if "__launch_bounds__" in code or "constexpr" in code:
                         continue
                     out.append(Mutant(path.name, i + 1, kind, line, mutated + line[len(code) :]))
-        del depth_template
     return out
 
 
