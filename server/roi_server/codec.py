@@ -18,6 +18,7 @@ import torch
 from roi_client import codec as wire
 from roi_client._proto.roi.v1 import roi_pb2
 
+from .batch_keys import batch_key
 from .errors import InvalidArgument, Unimplemented
 
 # The maps are read-only views of the request's bytes, which the kernels never write. torch
@@ -441,21 +442,6 @@ def decode_request(req: roi_pb2.PoolRequest, limits: Limits, available_ops: froz
     )
     decoded.key = batch_key(decoded)
     return decoded
-
-
-def batch_key(r: DecodedRequest) -> tuple:
-    """Requests with equal keys can run in one kernel launch.
-
-    roi_align pools any mix of map sizes in one launch (its ragged form), so its key leaves
-    the spatial size out; the other ops concatenate maps along N, which needs equal sizes.
-    """
-    common = (r.op, r.dtype, r.channels, r.pooled_height, r.pooled_width, r.sampling_ratio, r.aligned, r.pool_mode)
-    if r.op == "roi_align":
-        return (*common, r.spatial_scale)
-    if r.op == "multiscale_roi_align":
-        shapes = tuple(tuple(t.shape[2:]) for t in r.maps)
-        return (*common, r.scales, shapes, r.canonical_scale, r.canonical_level)
-    return (*common, r.spatial_scale, tuple(r.maps[0].shape[2:]))
 
 
 def encode_output(out: torch.Tensor, msg: roi_pb2.Tensor) -> int:

@@ -293,7 +293,7 @@ class KernelEngine:
 
 def _warm_up_requests(op: str, dtype: torch.dtype, gen: torch.Generator) -> list[list[DecodedRequest]]:
     """A single request and a batch of two, small, for ``op`` in ``dtype``."""
-    from .codec import batch_key
+    from .batch_keys import batch_key
 
     def make(n_images: int, h: int, w: int, layout: str = "dense") -> DecodedRequest:
         ph = pw = 2
