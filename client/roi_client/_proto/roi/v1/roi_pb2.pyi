@@ -48,14 +48,26 @@ POOL_MODE_AVG: PoolMode
 POOL_MODE_MAX: PoolMode
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data")
+    __slots__ = ("dtype", "shape", "data", "shared_memory")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    shared_memory: SharedMemoryRef
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
+
+class SharedMemoryRef(_message.Message):
+    __slots__ = ("region", "offset", "byte_size")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    offset: int
+    byte_size: int
+    def __init__(self, region: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ...) -> None: ...
 
 class PoolParams(_message.Message):
     __slots__ = ("pooled_height", "pooled_width", "spatial_scale", "sampling_ratio", "aligned", "pool_mode", "canonical_scale", "canonical_level")
@@ -122,7 +134,7 @@ class BoxList(_message.Message):
     def __init__(self, boxes: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
 
 class PoolRequest(_message.Message):
-    __slots__ = ("id", "op", "params", "input", "pyramid", "ragged", "boxes", "out_dtype")
+    __slots__ = ("id", "op", "params", "input", "pyramid", "ragged", "boxes", "out_dtype", "output_region")
     ID_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +143,7 @@ class PoolRequest(_message.Message):
     RAGGED_FIELD_NUMBER: _ClassVar[int]
     BOXES_FIELD_NUMBER: _ClassVar[int]
     OUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_REGION_FIELD_NUMBER: _ClassVar[int]
     id: str
     op: Op
     params: PoolParams
@@ -139,7 +152,8 @@ class PoolRequest(_message.Message):
     ragged: RaggedMaps
     boxes: Boxes
     out_dtype: DType
-    def __init__(self, id: _Optional[str] = ..., op: _Optional[_Union[Op, str]] = ..., params: _Optional[_Union[PoolParams, _Mapping]] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., pyramid: _Optional[_Union[FeaturePyramid, _Mapping]] = ..., ragged: _Optional[_Union[RaggedMaps, _Mapping]] = ..., boxes: _Optional[_Union[Boxes, _Mapping]] = ..., out_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    output_region: SharedMemoryRef
+    def __init__(self, id: _Optional[str] = ..., op: _Optional[_Union[Op, str]] = ..., params: _Optional[_Union[PoolParams, _Mapping]] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., pyramid: _Optional[_Union[FeaturePyramid, _Mapping]] = ..., ragged: _Optional[_Union[RaggedMaps, _Mapping]] = ..., boxes: _Optional[_Union[Boxes, _Mapping]] = ..., out_dtype: _Optional[_Union[DType, str]] = ..., output_region: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_seconds", "compute_seconds", "total_seconds", "batch_id", "batch_requests", "batch_boxes")
@@ -228,3 +242,71 @@ class DescribeResponse(_message.Message):
     torch_version: str
     threads: int
     def __init__(self, version: _Optional[str] = ..., device: _Optional[str] = ..., device_name: _Optional[str] = ..., ops: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., torch_version: _Optional[str] = ..., threads: _Optional[int] = ...) -> None: ...
+
+class RegisterSharedMemoryRequest(_message.Message):
+    __slots__ = ("region", "key", "offset", "byte_size", "lease")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    key: str
+    offset: int
+    byte_size: int
+    lease: str
+    def __init__(self, region: _Optional[str] = ..., key: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ..., lease: _Optional[str] = ...) -> None: ...
+
+class RegisterSharedMemoryResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SharedMemoryStatusRequest(_message.Message):
+    __slots__ = ("region",)
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    def __init__(self, region: _Optional[str] = ...) -> None: ...
+
+class SharedMemoryRegionStatus(_message.Message):
+    __slots__ = ("region", "key", "offset", "byte_size", "lease", "file_size")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    FILE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    key: str
+    offset: int
+    byte_size: int
+    lease: str
+    file_size: int
+    def __init__(self, region: _Optional[str] = ..., key: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ..., lease: _Optional[str] = ..., file_size: _Optional[int] = ...) -> None: ...
+
+class SharedMemoryStatusResponse(_message.Message):
+    __slots__ = ("regions",)
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    regions: _containers.RepeatedCompositeFieldContainer[SharedMemoryRegionStatus]
+    def __init__(self, regions: _Optional[_Iterable[_Union[SharedMemoryRegionStatus, _Mapping]]] = ...) -> None: ...
+
+class UnregisterSharedMemoryRequest(_message.Message):
+    __slots__ = ("region",)
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    def __init__(self, region: _Optional[str] = ...) -> None: ...
+
+class UnregisterSharedMemoryResponse(_message.Message):
+    __slots__ = ("unregistered",)
+    UNREGISTERED_FIELD_NUMBER: _ClassVar[int]
+    unregistered: int
+    def __init__(self, unregistered: _Optional[int] = ...) -> None: ...
+
+class HoldSharedMemoryRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HoldSharedMemoryResponse(_message.Message):
+    __slots__ = ("lease",)
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    lease: str
+    def __init__(self, lease: _Optional[str] = ...) -> None: ...

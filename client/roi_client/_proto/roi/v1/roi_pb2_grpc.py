@@ -50,6 +50,26 @@ class RoIServiceStub:
                 request_serializer=roi_dot_v1_dot_roi__pb2.DescribeRequest.SerializeToString,
                 response_deserializer=roi_dot_v1_dot_roi__pb2.DescribeResponse.FromString,
                 _registered_method=True)
+        self.RegisterSharedMemory = channel.unary_unary(
+                '/roi.v1.RoIService/RegisterSharedMemory',
+                request_serializer=roi_dot_v1_dot_roi__pb2.RegisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=roi_dot_v1_dot_roi__pb2.RegisterSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.SharedMemoryStatus = channel.unary_unary(
+                '/roi.v1.RoIService/SharedMemoryStatus',
+                request_serializer=roi_dot_v1_dot_roi__pb2.SharedMemoryStatusRequest.SerializeToString,
+                response_deserializer=roi_dot_v1_dot_roi__pb2.SharedMemoryStatusResponse.FromString,
+                _registered_method=True)
+        self.UnregisterSharedMemory = channel.unary_unary(
+                '/roi.v1.RoIService/UnregisterSharedMemory',
+                request_serializer=roi_dot_v1_dot_roi__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=roi_dot_v1_dot_roi__pb2.UnregisterSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.HoldSharedMemory = channel.unary_stream(
+                '/roi.v1.RoIService/HoldSharedMemory',
+                request_serializer=roi_dot_v1_dot_roi__pb2.HoldSharedMemoryRequest.SerializeToString,
+                response_deserializer=roi_dot_v1_dot_roi__pb2.HoldSharedMemoryResponse.FromString,
+                _registered_method=True)
 
 
 class RoIServiceServicer:
@@ -79,6 +99,48 @@ class RoIServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterSharedMemory(self, request, context):
+        """Same-host shared memory (modelled on Triton's system-shared-memory extension). A client on
+        the server's host puts its tensors in POSIX shared memory regions (files under /dev/shm),
+        registers them here, and sends requests whose tensors are SharedMemoryRef instead of
+        bytes; PoolRequest.output_region has the result written into a region as well. Off unless
+        the server runs with --allow-shared-memory; then every call below is refused with
+        FAILED_PRECONDITION. Registrations belong to the caller: with token authentication on, to
+        the token that made them (another token can neither see, use nor unregister them);
+        without it, every client of the server shares one set of names.
+
+        Maps the region `key` and registers it under the caller's name `region`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SharedMemoryStatus(self, request, context):
+        """One or all of the caller's regions, with their sizes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnregisterSharedMemory(self, request, context):
+        """Unregisters one or all of the caller's regions. The server unmaps a region once the
+        requests that read or write it have finished; the region's file is the client's to unlink.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HoldSharedMemory(self, request, context):
+        """A lease: registrations that name it are released when this call ends, however it ends
+        (the client cancels it or closes its channel, its process dies, the connection drops, the
+        server stops), since gRPC tells a server when a call ends but not when a connection does.
+        The first and only message gives the lease's id; the call then stays open until one side
+        ends it. Registrations without a lease live until they are unregistered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RoIServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +158,26 @@ def add_RoIServiceServicer_to_server(servicer, server):
                     servicer.Describe,
                     request_deserializer=roi_dot_v1_dot_roi__pb2.DescribeRequest.FromString,
                     response_serializer=roi_dot_v1_dot_roi__pb2.DescribeResponse.SerializeToString,
+            ),
+            'RegisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterSharedMemory,
+                    request_deserializer=roi_dot_v1_dot_roi__pb2.RegisterSharedMemoryRequest.FromString,
+                    response_serializer=roi_dot_v1_dot_roi__pb2.RegisterSharedMemoryResponse.SerializeToString,
+            ),
+            'SharedMemoryStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.SharedMemoryStatus,
+                    request_deserializer=roi_dot_v1_dot_roi__pb2.SharedMemoryStatusRequest.FromString,
+                    response_serializer=roi_dot_v1_dot_roi__pb2.SharedMemoryStatusResponse.SerializeToString,
+            ),
+            'UnregisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnregisterSharedMemory,
+                    request_deserializer=roi_dot_v1_dot_roi__pb2.UnregisterSharedMemoryRequest.FromString,
+                    response_serializer=roi_dot_v1_dot_roi__pb2.UnregisterSharedMemoryResponse.SerializeToString,
+            ),
+            'HoldSharedMemory': grpc.unary_stream_rpc_method_handler(
+                    servicer.HoldSharedMemory,
+                    request_deserializer=roi_dot_v1_dot_roi__pb2.HoldSharedMemoryRequest.FromString,
+                    response_serializer=roi_dot_v1_dot_roi__pb2.HoldSharedMemoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +261,114 @@ class RoIService:
             '/roi.v1.RoIService/Describe',
             roi_dot_v1_dot_roi__pb2.DescribeRequest.SerializeToString,
             roi_dot_v1_dot_roi__pb2.DescribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/roi.v1.RoIService/RegisterSharedMemory',
+            roi_dot_v1_dot_roi__pb2.RegisterSharedMemoryRequest.SerializeToString,
+            roi_dot_v1_dot_roi__pb2.RegisterSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SharedMemoryStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/roi.v1.RoIService/SharedMemoryStatus',
+            roi_dot_v1_dot_roi__pb2.SharedMemoryStatusRequest.SerializeToString,
+            roi_dot_v1_dot_roi__pb2.SharedMemoryStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnregisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/roi.v1.RoIService/UnregisterSharedMemory',
+            roi_dot_v1_dot_roi__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+            roi_dot_v1_dot_roi__pb2.UnregisterSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HoldSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/roi.v1.RoIService/HoldSharedMemory',
+            roi_dot_v1_dot_roi__pb2.HoldSharedMemoryRequest.SerializeToString,
+            roi_dot_v1_dot_roi__pb2.HoldSharedMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,
