@@ -5,6 +5,9 @@ service's, which stays open so that load balancers and Kubernetes probes need no
 Reflection is not exempt: it describes the API, so it needs the token too (``grpcurl -H
 'authorization: Bearer ...'``). Refused calls end in UNAUTHENTICATED with a message that says
 what was wrong (missing, malformed, or not the right token) and nothing else.
+
+Several tokens may be accepted, one per client: :func:`caller_of` tells the handlers which one a
+call carried, so that what a caller registers (shared memory regions) is its own.
 """
 
 from __future__ import annotations
@@ -34,20 +37,21 @@ def _digest(value: bytes) -> bytes:
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses calls without the right bearer token (constant-time comparison)."""
+    """Refuses calls without one of the accepted bearer tokens (constant-time comparison)."""
 
     def __init__(
         self,
-        token: str,
+        token: str | Sequence[str],
         open_services: Sequence[str] = OPEN_SERVICES,
         on_refusal: Callable[[str, bytes | None], None] | None = None,
     ) -> None:
         """``on_refusal(method, request)`` is called for every refused call, with the request's
         bytes for a unary call whose handler takes bytes (else None), so that refusals are
         counted like every other answer."""
-        if not token:
+        tokens = (token,) if isinstance(token, str) else tuple(token)
+        if not tokens or not all(tokens):
             raise ValueError("the token must not be empty")
-        self._expected = _digest(token.encode("utf-8"))
+        self._expected = tuple(_digest(t.encode("utf-8")) for t in tokens)
         self._open = tuple(f"/{s}/" for s in open_services)
         self._on_refusal = on_refusal
 
@@ -56,16 +60,15 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         values = [value for key, value in (metadata or ()) if key.lower() == METADATA_KEY]
         if not values:
             return MISSING
-        value = values[0]
-        if isinstance(value, bytes):
-            value = value.decode("latin-1")
-        scheme, _, token = value.strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() != SCHEME or not token:
+        token = _bearer(values[0])
+        if token is None:
             return MALFORMED
-        if not hmac.compare_digest(_digest(token.encode("utf-8")), self._expected):
-            return INVALID
-        return None
+        presented = _digest(token.encode("utf-8"))
+        # Every accepted token is compared, so that the time says nothing of which matched.
+        matched = False
+        for expected in self._expected:
+            matched |= hmac.compare_digest(presented, expected)
+        return None if matched else INVALID
 
     async def intercept_service(
         self,
@@ -80,6 +83,27 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(details)
         log.debug("refused %s: %s", method, problem)
         return _refusal(await continuation(details), problem, method, self._on_refusal)
+
+
+def _bearer(value: str | bytes) -> str | None:
+    """The token of an ``authorization`` value ``Bearer <token>``, or None when malformed."""
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    scheme, _, token = value.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != SCHEME or not token:
+        return None
+    return token
+
+
+def caller_of(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+    """Who made a call the interceptor let through: a digest of its token (hex), never the
+    token itself; "" for a call without one (token authentication off)."""
+    for key, value in metadata or ():
+        if key.lower() == METADATA_KEY:
+            token = _bearer(value)
+            return _digest(token.encode("utf-8")).hex() if token is not None else ""
+    return ""
 
 
 def _refusal(

@@ -88,6 +88,15 @@ class ServiceMetrics:
             "roi_device_memory_bytes", "CUDA memory allocated by the server's tensors.", ["device"], registry=r
         )
         self.server_info = Gauge("roi_server_info", "Constant 1, labelled with the server's version and device.", ["version", "device"], registry=r)
+        self.shm_regions = Gauge(
+            "roi_shared_memory_regions", "Shared memory regions registered by clients on this host.", registry=r
+        )
+        self.shm_mapped_bytes = Gauge(
+            "roi_shared_memory_mapped_bytes",
+            "Bytes of clients' shared memory mapped by the server (unregistered regions count until the "
+            "requests using them finish).",
+            registry=r,
+        )
 
     def set_server(self, version: str, device: str, memory_allocated: Callable[[], float] | None) -> None:
         self.server_info.labels(version=version, device=device).set(1)

@@ -36,6 +36,8 @@ from .health import DrainingHealthServicer
 from .metrics import MetricsHTTPServer, ServiceMetrics
 from .service import SERVICE_NAME, RoIService, ServerInfo
 from .settings import Settings
+from .shm import SharedMemoryRegistry
+from .shm_service import SharedMemoryService
 from .tls import describe as describe_transport
 from .tls import server_credentials
 
@@ -54,10 +56,10 @@ HEALTH_SERVICES = ("", SERVICE_NAME)
 def build_interceptors(settings: Settings, service: RoIService | None = None) -> list[grpc.aio.ServerInterceptor]:
     """Interceptors run on every call, health and reflection included. Calls of ``service``'s
     Pool and PoolStream that the token check refuses are counted by it (UNAUTHENTICATED)."""
-    token = settings.bearer_token()
-    if not token:
+    tokens = settings.bearer_tokens()
+    if not tokens:
         return []
-    return [TokenAuthInterceptor(token, on_refusal=service.count_refusal if service is not None else None)]
+    return [TokenAuthInterceptor(tokens, on_refusal=service.count_refusal if service is not None else None)]
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
@@ -244,6 +246,12 @@ class RoIServer:
             # the queue holds, so that one busy stream alone is slowed down, not refused.
             stream_window=min(max(2 * settings.max_batch_requests, 16), settings.max_queue),
         )
+        self.shared_memory = SharedMemoryRegistry(settings.allow_shared_memory, settings.shared_memory_prefix, self.metrics)
+        self.shm_service = SharedMemoryService(
+            self.shared_memory,
+            tokens_required=bool(settings.auth_token or settings.auth_token_file),
+            note_arrival=self._note_arrival,
+        )
         self.engine = None
         self.batcher: DynamicBatcher | None = None
         self.port = 0
@@ -252,6 +260,9 @@ class RoIServer:
         self._metrics_http: MetricsHTTPServer | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
+
+    def _note_arrival(self) -> None:
+        self.service.last_arrival = time.monotonic()
 
     @property
     def address(self) -> str:
@@ -271,7 +282,7 @@ class RoIServer:
         _check_port_free(s.host, s.port, "gRPC", "--port", "ROI_PORT")
 
         server = grpc.aio.server(interceptors=build_interceptors(s, self.service), options=grpc_options(s))
-        server.add_generic_rpc_handlers((self.service.handler(),))
+        server.add_generic_rpc_handlers((self.service.handler(), self.shm_service.handler()))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
@@ -351,6 +362,8 @@ class RoIServer:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         metrics_text = f"metrics on :{self.metrics_port}" if self.metrics_port is not None else "metrics off"
         security = describe_transport(s) + (", token required" if s.auth_token or s.auth_token_file else "")
+        if s.allow_shared_memory:
+            security += f", shared memory on (keys {s.shared_memory_prefix}*)"
         log.info(
             "listening on %s:%d (%s; device %s, ops %s, warmed up in %.1f s), %s",
             s.host,
@@ -378,6 +391,7 @@ class RoIServer:
         if self.engine is not None:
             self.engine.close()
         self.service.close()
+        self.shared_memory.close()
         if self._metrics_http is not None:
             self._metrics_http.close()
         log.info("stopped")
@@ -411,6 +425,8 @@ class RoIServer:
             time.monotonic() - started,
             time.monotonic() - self.service.last_arrival,
         )
+        # Leases end now, with every request answered, not after the transport's grace.
+        self.shm_service.end_leases()
         await self._grpc.stop(max(0.0, grace - (time.monotonic() - started)))
         if not self.service.idle:
             log.warning("grace period over with requests still running; they were cancelled")

@@ -45,6 +45,8 @@ class Settings:
     auth_token_file: str = ""
     # Never printed: kept out of repr, logs and error messages.
     auth_token: str = field(default="", repr=False)
+    allow_shared_memory: bool = False
+    shared_memory_prefix: str = "roi_"
 
     def __post_init__(self) -> None:
         problems = validate(self)
@@ -63,14 +65,15 @@ class Settings:
     def tls(self) -> bool:
         return bool(self.tls_cert)
 
-    def bearer_token(self) -> str | None:
-        """The token clients must send (``authorization: Bearer <token>``), or None when
-        token authentication is off."""
+    def bearer_tokens(self) -> tuple[str, ...]:
+        """The tokens clients may send (``authorization: Bearer <token>``), none when token
+        authentication is off. Each token is its own caller: shared memory regions registered
+        with one are invisible to the others."""
         if self.auth_token:
-            return self.auth_token
+            return (self.auth_token,)
         if self.auth_token_file:
             return read_token_file(self.auth_token_file)
-        return None
+        return ()
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,8 @@ class Field:
     help: str
     choices: tuple[str, ...] | None = None
     secret: bool = False
+    # A flag without a value (given: on); its variable takes 1/0, true/false, yes/no, on/off.
+    switch: bool = False
 
 
 def _device(text: str) -> str:
@@ -114,10 +119,19 @@ def _check_pem(path: str, name: str, kind: str) -> str | None:
     return None
 
 
-def read_token_file(path: str) -> str:
-    """The token in ``path`` (surrounding whitespace and a final newline dropped)."""
+def _switch(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be 1/0, true/false, yes/no or on/off")
+
+
+def read_token_file(path: str) -> tuple[str, ...]:
+    """The tokens in ``path``, one a line (surrounding whitespace and empty lines dropped)."""
     with open(path, encoding="utf-8") as f:
-        return f.read().strip()
+        return tuple(line.strip() for line in f.read().splitlines() if line.strip())
 
 
 def _token_problem(token: str, source: str) -> str | None:
@@ -252,7 +266,8 @@ FIELDS: tuple[Field, ...] = (
         "--auth-token-file",
         "ROI_AUTH_TOKEN_FILE",
         _path,
-        "file holding the bearer token every call but health checks must carry",
+        "file holding the bearer token every call but health checks must carry (several: one a "
+        "line, one per client)",
     ),
     Field(
         "auth_token",
@@ -261,6 +276,23 @@ FIELDS: tuple[Field, ...] = (
         lambda s: s.strip(),
         "the bearer token itself (instead of a file); never logged",
         secret=True,
+    ),
+    Field(
+        "allow_shared_memory",
+        "--allow-shared-memory",
+        "ROI_ALLOW_SHARED_MEMORY",
+        _switch,
+        "let clients on this host register POSIX shared memory regions (/dev/shm) for their "
+        "tensors and results, instead of sending them in messages",
+        switch=True,
+    ),
+    Field(
+        "shared_memory_prefix",
+        "--shared-memory-prefix",
+        "ROI_SHARED_MEMORY_PREFIX",
+        lambda s: s.strip(),
+        "the only shared memory objects clients may register are those whose name under "
+        "/dev/shm starts with this",
     ),
 )
 
@@ -318,14 +350,29 @@ def validate(s: Settings) -> list[str]:
             problems.append(problem)
     elif s.auth_token_file:
         try:
-            token = read_token_file(s.auth_token_file)
+            tokens = read_token_file(s.auth_token_file)
         except (OSError, UnicodeDecodeError) as exc:
             problems.append(f"auth_token_file: cannot read {s.auth_token_file}: {getattr(exc, 'strerror', None) or exc}")
         else:
-            problem = _token_problem(token, f"auth_token_file {s.auth_token_file}")
-            if problem:
-                problems.append(problem)
+            for token in tokens or ("",):
+                problem = _token_problem(token, f"auth_token_file {s.auth_token_file}")
+                if problem:
+                    problems.append(problem)
+                    break
+    problem = shared_memory_prefix_problem(s.shared_memory_prefix)
+    if problem:
+        problems.append(f"shared_memory_prefix: {problem}")
     return problems
+
+
+def shared_memory_prefix_problem(prefix: str) -> str | None:
+    """Why ``prefix`` cannot confine the names clients register, or None. An empty prefix
+    would admit every object under /dev/shm, other programs' included."""
+    if not prefix:
+        return "must not be empty (it keeps clients to the objects meant for this server)"
+    if "/" in prefix or "\0" in prefix or prefix.startswith("."):
+        return f"must be a plain file name start, without '/', NUL or a leading '.', got {prefix!r}"
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -338,12 +385,18 @@ def build_parser() -> argparse.ArgumentParser:
     for f in FIELDS:
         if f.flag is None:
             continue
+        default = getattr(defaults, f.name)
+        shown = ("on" if default else "off") if f.switch else (default if default != "" else "none")
+        help_text = f"{f.help} [env {f.env}, default {shown}]"
+        if f.switch:
+            parser.add_argument(f.flag, dest=f.name, default=None, action="store_const", const="1", help=help_text)
+            continue
         parser.add_argument(
             f.flag,
             dest=f.name,
             default=None,
             metavar="{" + ",".join(f.choices) + "}" if f.choices else f.name.upper(),
-            help=f"{f.help} [env {f.env}, default {getattr(defaults, f.name) if getattr(defaults, f.name) != '' else 'none'}]",
+            help=help_text,
         )
     secrets = [f for f in FIELDS if f.flag is None]
     if secrets:
