@@ -29,6 +29,7 @@ request reads or writes it is unmapped when the last view is released, never und
 
 from __future__ import annotations
 
+import errno
 import logging
 import mmap
 import os
@@ -267,6 +268,10 @@ class SharedMemoryRegistry:
         except FileNotFoundError:
             raise InvalidArgument("key", f"no shared memory object {key!r} on this host") from None
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise InvalidArgument("key", f"{key!r} is a symbolic link, which the server does not follow") from None
+            if exc.errno == errno.EISDIR:
+                raise InvalidArgument("key", f"{key!r} is not a shared memory object") from None
             raise PermissionDenied(f"key: cannot open {key!r} for reading and writing: {exc.strerror}") from None
         try:
             info = os.fstat(fd)
