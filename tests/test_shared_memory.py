@@ -430,3 +430,28 @@ def test_a_token_file_holds_one_token_a_line(tmp_path):
     path.write_text("\n\n")
     with pytest.raises(ValueError, match="the token is empty"):
         Settings(auth_token_file=str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Compose: what a co-located client container needs
+
+
+def test_compose_lets_a_co_located_client_share_the_servers_dev_shm():
+    from test_deploy_static import COMPOSE_BASE, compose_config
+
+    services = compose_config(COMPOSE_BASE, profiles=("shared-memory",))["services"]
+    server, client = services["roi-server"], services["backbone"]
+    assert server["ipc"] == "shareable"
+    assert client["ipc"] == "service:roi-server"
+    # Room for an fpn-det request's tensors (Docker's default /dev/shm is 64 MB).
+    size = server["shm_size"]
+    assert (int(size) if isinstance(size, int) else int(str(size).rstrip("gb")) << 30) >= 1 << 30
+    env = server["environment"]
+    assert env["ROI_ALLOW_SHARED_MEMORY"] == "1"
+    # The client makes its regions as the server's user, named with the server's prefix.
+    assert client["user"].split(":")[0] == "10001"
+    assert env["ROI_SHARED_MEMORY_PREFIX"] == "roi_" == SharedMemoryRegion.create.__defaults__[0]
+    assert "shared_memory=True" in " ".join(client["command"])
+    assert client["depends_on"]["roi-server"]["condition"] == "service_healthy"
+    # A plain `up` does not start it.
+    assert client["profiles"] == ["shared-memory"]
