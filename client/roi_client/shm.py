@@ -63,13 +63,14 @@ class SharedMemoryRegion:
         if not key or "/" in key or "\0" in key or key.startswith("."):
             raise RoIError.invalid_argument(f"shared memory key must be a file name under {SHM_DIR}, got {key!r}")
         self.key = key
-        self._path = os.path.join(SHM_DIR, key)
-        self._owned = create
+        path = os.path.join(SHM_DIR, key)
         flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_CREAT | os.O_EXCL if create else 0)
         try:
-            fd = os.open(self._path, flags, mode)
+            fd = os.open(path, flags, mode)
         except OSError as exc:
             raise _os_error(exc, f"cannot {'create' if create else 'open'} shared memory {key!r}") from None
+        # Unlinked by close(), or at the latest when this object goes or the interpreter exits.
+        self._unlink = weakref.finalize(self, _unlink, path) if create else lambda: None
         try:
             if create:
                 if size <= 0:
@@ -135,13 +136,6 @@ class SharedMemoryRegion:
         except BufferError:
             pass  # views exist: the mapping goes with the last of them
 
-    def _unlink(self) -> None:
-        if self._owned:
-            try:
-                os.unlink(self._path)
-            except FileNotFoundError:
-                pass
-
     def __enter__(self) -> SharedMemoryRegion:
         return self
 
@@ -150,6 +144,13 @@ class SharedMemoryRegion:
 
     def __repr__(self) -> str:
         return f"SharedMemoryRegion({self.key!r}, {self.size})"
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _os_error(exc: OSError, what: str) -> RoIError:
