@@ -252,6 +252,25 @@ def test_the_client_manager_registers_under_a_lease_and_releases_on_close(shm_se
     assert not (Path(SHM_DIR) / small.key).exists() and not (Path(SHM_DIR) / large.key).exists()
 
 
+def test_the_asyncio_manager_shares_one_lease_among_concurrent_first_requests(shm_server, channel):
+    import asyncio
+
+    from roi_client.shm import AsyncSharedMemory
+
+    async def main() -> tuple[set[str], list, list]:
+        async with grpc.aio.insecure_channel(shm_server.address) as ch:
+            manager = AsyncSharedMemory(ch, call_metadata(TOKEN_A))
+            regions = await asyncio.gather(*(manager.borrow(n << 20) for n in (1, 2, 3)))
+            seen = await manager.status()
+            await manager.close()
+            return {r.name for r in regions}, seen, await AsyncSharedMemory(ch, call_metadata(TOKEN_A)).status()
+
+    names, seen, after = asyncio.run(main())
+    assert {r.region for r in seen} == names and len(names) == 3
+    assert len({r.lease for r in seen}) == 1
+    assert after == [] and status(channel) == []
+
+
 def test_ending_the_lease_call_releases_its_regions(shm_server, channel, region):
     hold = channel.unary_stream(f"{SERVICE}/HoldSharedMemory")
     call = hold(b"", metadata=call_metadata(TOKEN_A))
