@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from . import framing
 from ._proto.roi.v1 import roi_pb2
 
 __all__ = [
@@ -139,15 +140,33 @@ def as_wire_array(x: Any, wire_dtype: int | None = None) -> tuple[np.ndarray, in
     return np.ascontiguousarray(arr), want
 
 
+def little_endian(arr: np.ndarray) -> np.ndarray:
+    """``arr``'s words in the wire's byte order (``arr`` itself on little-endian hosts)."""
+    return arr if _LITTLE else arr.byteswap()
+
+
 def encode_tensor(x: Any, wire_dtype: int | None = None, out: roi_pb2.Tensor | None = None) -> roi_pb2.Tensor:
-    """An array (numpy, torch, nested lists) -> ``roi.v1.Tensor``."""
+    """An array (numpy, torch, nested lists) -> ``roi.v1.Tensor`` (its data copied into the
+    message: for messages built with :mod:`roi_client.framing`, see :func:`tensor_payload`)."""
     arr, wire = as_wire_array(x, wire_dtype)
     msg = out if out is not None else roi_pb2.Tensor()
     msg.dtype = wire
     del msg.shape[:]
     msg.shape.extend(arr.shape)
-    msg.data = arr.tobytes() if _LITTLE else arr.byteswap().tobytes()
+    msg.data = little_endian(arr).tobytes()
     return msg
+
+
+def tensor_payload(x: Any, wire_dtype: int | None, msg: roi_pb2.Tensor, index: int) -> np.ndarray:
+    """Sets ``msg``'s dtype and shape for ``x`` and its data to framing's placeholder
+    ``index``; returns the array :func:`roi_client.framing.serialize` writes in its place
+    (``x``'s own memory when it is contiguous and already of the wire dtype)."""
+    arr, wire = as_wire_array(x, wire_dtype)
+    msg.dtype = wire
+    del msg.shape[:]
+    msg.shape.extend(arr.shape)
+    msg.data = framing.placeholder(index)
+    return little_endian(arr)
 
 
 def wire_layout(msg: roi_pb2.Tensor, field: str, nbytes: int) -> tuple[np.dtype, tuple[int, ...]]:
@@ -175,19 +194,22 @@ def wire_layout(msg: roi_pb2.Tensor, field: str, nbytes: int) -> tuple[np.dtype,
     return words, shape
 
 
-def decode_words(data: bytes, words: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    """A read-only view of ``data`` (no copy) as ``shape`` in the native byte order."""
+def decode_words(data: Any, words: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A read-only view of ``data`` (bytes or a memoryview; no copy) as ``shape`` in the
+    native byte order."""
     arr = np.frombuffer(data, dtype=words).reshape(shape)
     if not _LITTLE:
         arr = arr.byteswap().view(words.newbyteorder("="))
     return arr
 
 
-def decode_array(msg: roi_pb2.Tensor, field: str = "tensor", *, as_torch: bool = False) -> Any:
+def decode_array(msg: roi_pb2.Tensor, field: str = "tensor", *, as_torch: bool = False, data: Any = None) -> Any:
     """``roi.v1.Tensor`` -> numpy array (bfloat16 widened to float32) or torch tensor (bfloat16
-    kept). numpy results are read-only views of the message's bytes."""
-    data = msg.data
-    words, shape = wire_layout(msg, field, len(data))
+    kept). numpy results are read-only views of ``data`` (default: the message's bytes; a
+    :class:`~roi_client.framing.Frame`'s view of the received buffer when given)."""
+    if data is None:
+        data = msg.data
+    words, shape = wire_layout(msg, field, memoryview(data).nbytes)
     arr = decode_words(data, words, shape)
     if as_torch:
         import torch

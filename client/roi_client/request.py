@@ -13,7 +13,7 @@ from typing import Any, Union
 
 import numpy as np
 
-from . import codec
+from . import codec, framing
 from ._proto.roi.v1 import roi_pb2
 from .errors import RoIError
 
@@ -57,9 +57,11 @@ def _wire_dtype(dtype: Any) -> int | None:
         raise RoIError.invalid_argument(str(exc)) from None
 
 
-def _encode(x: Any, msg: roi_pb2.Tensor, name: str, wire_dtype: int | None = None) -> None:
+def _encode(x: Any, msg: roi_pb2.Tensor, name: str, payloads: list, wire_dtype: int | None = None) -> None:
+    """Writes ``x``'s dtype and shape into ``msg``, and appends its data to ``payloads``
+    (framing.serialize writes it into the message, the one copy the client makes)."""
     try:
-        codec.encode_tensor(x, wire_dtype, out=msg)
+        payloads.append(codec.tensor_payload(x, wire_dtype, msg, len(payloads)))
     except (TypeError, ValueError) as exc:
         raise RoIError.invalid_argument(f"{name}: {exc}") from None
 
@@ -73,19 +75,19 @@ def _box_wire_dtype(b: Any) -> int:
     return roi_pb2.DTYPE_FLOAT64 if dtype in ("float64", "torch.float64") else roi_pb2.DTYPE_FLOAT32
 
 
-def _encode_boxes(boxes: Any, msg: roi_pb2.Boxes) -> int:
+def _encode_boxes(boxes: Any, msg: roi_pb2.Boxes, payloads: list) -> int:
     """Boxes as ``rois`` (one array with the image index first) or ``per_image`` (a list);
     float64 stays float64, anything else travels as float32. Returns the box count."""
     if _is_sequence_of_arrays(boxes):
         count = 0
         per_image = msg.per_image
         for i, b in enumerate(boxes):
-            _encode(b, per_image.boxes.add(), f"boxes[{i}]", _box_wire_dtype(b))
+            _encode(b, per_image.boxes.add(), f"boxes[{i}]", payloads, _box_wire_dtype(b))
             count += int(b.shape[0]) if len(b.shape) else 0
         if not boxes:
             msg.per_image.SetInParent()
         return count
-    _encode(boxes, msg.rois, "boxes", _box_wire_dtype(boxes))
+    _encode(boxes, msg.rois, "boxes", payloads, _box_wire_dtype(boxes))
     shape = msg.rois.shape
     return int(shape[0]) if len(shape) else 0
 
@@ -160,11 +162,12 @@ class EncodedRequest:
             req.out_dtype = _wire_dtype(out_dtype)
 
         as_torch = False
+        payloads: list = []
         if features is not None:
             levels = list(features)
             as_torch = bool(levels) and codec.is_torch_tensor(levels[0])
             for i, f in enumerate(levels):
-                _encode(f, req.pyramid.levels.add().map, f"features[{i}]", wire)
+                _encode(f, req.pyramid.levels.add().map, f"features[{i}]", payloads, wire)
             for h, w in image_sizes or ():
                 req.pyramid.image_sizes.add(height=int(h), width=int(w))
             if not levels:
@@ -173,14 +176,14 @@ class EncodedRequest:
             maps = list(input)
             as_torch = bool(maps) and codec.is_torch_tensor(maps[0])
             for i, m in enumerate(maps):
-                _encode(m, req.ragged.maps.add(), f"input[{i}]", wire)
+                _encode(m, req.ragged.maps.add(), f"input[{i}]", payloads, wire)
             if not maps:
                 req.ragged.SetInParent()
         else:
             as_torch = codec.is_torch_tensor(input)
-            _encode(input, req.input, "input", wire)
-        num_boxes = _encode_boxes(boxes, req.boxes)
-        return cls(op=op, payload=req.SerializeToString(), num_boxes=num_boxes, as_torch=as_torch, id=id)
+            _encode(input, req.input, "input", payloads, wire)
+        num_boxes = _encode_boxes(boxes, req.boxes, payloads)
+        return cls(op=op, payload=framing.serialize(req, payloads), num_boxes=num_boxes, as_torch=as_torch, id=id)
 
     @classmethod
     def roi_align(

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import codec
+from . import codec, framing
 from ._proto.roi.v1 import roi_pb2
 from .errors import RoIError
 from .request import EncodedRequest
@@ -64,21 +64,21 @@ class ServerInfo:
 
 
 def decode_response(raw: bytes, request: EncodedRequest) -> PoolResult:
-    resp = roi_pb2.PoolResponse.FromString(raw)
-    return _result(resp, request.as_torch)
+    resp, frame = framing.parse(roi_pb2.PoolResponse, raw)
+    return _result(resp, frame, request.as_torch)
 
 
-def _result(resp: roi_pb2.PoolResponse, as_torch: bool) -> PoolResult:
-    output = codec.decode_array(resp.output, "output", as_torch=as_torch)
+def _result(resp: roi_pb2.PoolResponse, frame: framing.Frame, as_torch: bool) -> PoolResult:
+    output = codec.decode_array(resp.output, "output", as_torch=as_torch, data=frame.data(resp.output))
     return PoolResult(id=resp.id, output=output, timings=Timings.from_proto(resp.timings))
 
 
 def decode_stream_response(raw: bytes, as_torch_by_id: Mapping[str, bool]) -> PoolResult:
     """A stream answer; ``as_torch_by_id`` says, per request id, whether its maps were torch."""
-    msg = roi_pb2.PoolStreamResponse.FromString(raw)
+    msg, frame = framing.parse(roi_pb2.PoolStreamResponse, raw)
     if msg.WhichOneof("result") == "error":
         return PoolResult(id=msg.id, output=None, timings=None, error=RoIError.from_status(msg.error.code, msg.error.message))
-    return _result(msg.response, as_torch_by_id.get(msg.id, False))
+    return _result(msg.response, frame, as_torch_by_id.get(msg.id, False))
 
 
 def decode_describe(raw: bytes) -> ServerInfo:

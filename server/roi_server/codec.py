@@ -1,9 +1,11 @@
-"""Requests off the wire: validation, and tensors as zero-copy views of the message's bytes.
+"""Requests off the wire: validation, and tensors as zero-copy views of the received bytes.
 
 :func:`decode_request` checks everything the service can check before a kernel sees the input
 (dtypes, byte lengths, shapes, box values, image indices, parameters, the per-request caps) and
 raises :class:`~roi_server.errors.InvalidArgument` naming the field. What it returns holds torch
-tensors that share memory with the protobuf bytes: the kernels only read them.
+tensors that share memory with the bytes gRPC received (through :mod:`roi_client.framing`):
+the kernels only read them. A payload that does not lie on a multiple of its element size in
+the message (another encoder's message) is copied once, to an aligned buffer.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from roi_client import codec as wire
+from roi_client import framing
 from roi_client._proto.roi.v1 import roi_pb2
 
 from .batch_keys import batch_key
@@ -168,19 +171,24 @@ def _shape_text(shape) -> str:
 
 
 def _tensor(
-    msg: roi_pb2.Tensor, name: str, rank: int, want: str, allowed: tuple[int, ...] | None = None
+    msg: roi_pb2.Tensor,
+    frame: framing.Frame,
+    name: str,
+    rank: int,
+    want: str,
+    allowed: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
-    """``msg`` as a tensor sharing the message's bytes. It must have ``rank`` dimensions
-    (``want`` names them for the error message)."""
+    """``msg`` as a tensor sharing the received bytes (``frame`` says where they lie). It must
+    have ``rank`` dimensions (``want`` names them for the error message)."""
     if allowed is not None and msg.dtype in wire.WIRE_DTYPES and msg.dtype not in allowed:
         names = ", ".join(wire.dtype_name(d) for d in allowed)
         raise InvalidArgument(f"{name}.dtype", f"must be {names}, got {wire.dtype_name(msg.dtype)}")
     # Checked before numpy sees the shape: it refuses more than 64 dimensions.
     if len(msg.shape) != rank:
         raise InvalidArgument(f"{name}.shape", f"must be {want}, got {_shape_text(msg.shape)}")
-    data = msg.data  # each read of a bytes field copies it: read it once
+    data = frame.data(msg)  # a view where the walker found it; read it once (each read of a bytes field copies)
     try:
-        words, shape = wire.wire_layout(msg, name, len(data))
+        words, shape = wire.wire_layout(msg, name, memoryview(data).nbytes)
     except ValueError as exc:
         field_name, _, problem = str(exc).partition(": ")
         raise InvalidArgument(field_name, problem) from None
@@ -192,6 +200,8 @@ def _tensor(
     if span > MAX_TENSOR_BYTES:
         raise InvalidArgument(f"{name}.shape", f"dimensions too large: {list(shape)}")
     arr = wire.decode_words(data, words, shape)
+    if not arr.flags.aligned:
+        arr = arr.copy()
     t = torch.from_numpy(arr)
     if msg.dtype == roi_pb2.DTYPE_BFLOAT16:
         t = t.view(torch.bfloat16)
@@ -220,7 +230,7 @@ def _infer_scales(maps: list[torch.Tensor], image_sizes) -> list[float]:
     return scales
 
 
-def _features(req: roi_pb2.PoolRequest, op: str) -> tuple[str, list[torch.Tensor], tuple[float, ...]]:
+def _features(req: roi_pb2.PoolRequest, frame: framing.Frame, op: str) -> tuple[str, list[torch.Tensor], tuple[float, ...]]:
     kind = req.WhichOneof("features")
     if kind is None:
         raise InvalidArgument("features", "give input, pyramid or ragged")
@@ -232,7 +242,7 @@ def _features(req: roi_pb2.PoolRequest, op: str) -> tuple[str, list[torch.Tensor
         raise InvalidArgument("ragged", f"only roi_align takes ragged per-image maps, not {op}")
 
     if kind == "input":
-        t = _tensor(req.input, "input", 4, MAP_SHAPES[4])
+        t = _tensor(req.input, frame, "input", 4, MAP_SHAPES[4])
         _check_map(t, "input")
         return "dense", [t], ()
 
@@ -242,7 +252,7 @@ def _features(req: roi_pb2.PoolRequest, op: str) -> tuple[str, list[torch.Tensor
         maps = []
         for i, m in enumerate(req.ragged.maps):
             name = f"ragged.maps[{i}]"
-            t = _tensor(m, name, 3, MAP_SHAPES[3])
+            t = _tensor(m, frame, name, 3, MAP_SHAPES[3])
             _check_map(t, name)
             if maps and t.dtype != maps[0].dtype:
                 raise InvalidArgument(f"{name}.dtype", "must equal ragged.maps[0].dtype")
@@ -259,7 +269,7 @@ def _features(req: roi_pb2.PoolRequest, op: str) -> tuple[str, list[torch.Tensor
     maps = []
     for i, level in enumerate(pyramid.levels):
         name = f"pyramid.levels[{i}].map"
-        t = _tensor(level.map, name, 4, MAP_SHAPES[4])
+        t = _tensor(level.map, frame, name, 4, MAP_SHAPES[4])
         _check_map(t, name)
         if maps and t.dtype != maps[0].dtype:
             raise InvalidArgument(f"{name}.dtype", "must equal the dtype of levels[0]")
@@ -294,20 +304,20 @@ def _features(req: roi_pb2.PoolRequest, op: str) -> tuple[str, list[torch.Tensor
     return "pyramid", maps, tuple(scales)
 
 
-def _boxes(req: roi_pb2.PoolRequest, cols: int, acc: torch.dtype) -> torch.Tensor:
+def _boxes(req: roi_pb2.PoolRequest, frame: framing.Frame, cols: int, acc: torch.dtype) -> torch.Tensor:
     kind = req.boxes.WhichOneof("layout")
     if kind is None:
         raise InvalidArgument("boxes", "give rois or per_image")
     if kind == "rois":
         want = f"[K, {cols + 1}] (image index first)"
-        t = _tensor(req.boxes.rois, "boxes.rois", 2, want, BOX_DTYPES)
+        t = _tensor(req.boxes.rois, frame, "boxes.rois", 2, want, BOX_DTYPES)
         if t.shape[1] != cols + 1:
             raise InvalidArgument("boxes.rois.shape", f"must be {want}, got {list(t.shape)}")
         return t.to(acc)
     parts = []
     for i, m in enumerate(req.boxes.per_image.boxes):
         name = f"boxes.per_image[{i}]"
-        t = _tensor(m, name, 2, f"[L, {cols}]", BOX_DTYPES)
+        t = _tensor(m, frame, name, 2, f"[L, {cols}]", BOX_DTYPES)
         if t.shape[1] != cols:
             raise InvalidArgument(f"{name}.shape", f"must be [L, {cols}], got {list(t.shape)}")
         t = t.to(acc)
@@ -353,8 +363,16 @@ def _params(req: roi_pb2.PoolRequest, op: str) -> dict[str, Any]:
     }
 
 
-def decode_request(req: roi_pb2.PoolRequest, limits: Limits, available_ops: frozenset[str] | None = None) -> DecodedRequest:
-    """Validates ``req`` and returns it as tensors; raises InvalidArgument naming the field."""
+def decode_request(
+    req: roi_pb2.PoolRequest,
+    limits: Limits,
+    available_ops: frozenset[str] | None = None,
+    frame: framing.Frame | None = None,
+) -> DecodedRequest:
+    """Validates ``req`` and returns it as tensors; raises InvalidArgument naming the field.
+    ``frame`` is :func:`roi_client.framing.parse`'s (None: ``req`` holds its own bytes)."""
+    if frame is None:
+        frame = framing.Frame(b"")
     op = OP_NAMES.get(req.op)
     if op is None:
         raise InvalidArgument("op", f"unknown or unspecified op {req.op}")
@@ -365,11 +383,11 @@ def decode_request(req: roi_pb2.PoolRequest, limits: Limits, available_ops: froz
     if out_dtype_wire != roi_pb2.DTYPE_UNSPECIFIED and out_dtype_wire not in TORCH_DTYPES:
         raise InvalidArgument("out_dtype", f"unknown dtype {out_dtype_wire}")
 
-    layout, maps, scales = _features(req, op)
+    layout, maps, scales = _features(req, frame, op)
     dtype = maps[0].dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     rotated = op == "roi_align_rotated"
-    rois = _boxes(req, 5 if rotated else 4, acc)
+    rois = _boxes(req, frame, 5 if rotated else 4, acc)
 
     if layout == "ragged":
         num_images, channels = len(maps), int(maps[0].shape[0])
@@ -444,14 +462,14 @@ def decode_request(req: roi_pb2.PoolRequest, limits: Limits, available_ops: froz
     return decoded
 
 
-def encode_output(out: torch.Tensor, msg: roi_pb2.Tensor) -> int:
-    """Writes ``out`` (CPU, contiguous) into ``msg``; returns the byte count."""
-    wire_dtype = WIRE_OF_TORCH[out.dtype]
+def output_payload(out: torch.Tensor, msg: roi_pb2.Tensor, index: int = 0) -> np.ndarray:
+    """Sets ``msg``'s dtype and shape for ``out`` (CPU) and its data to framing's placeholder
+    ``index``; returns the array that :func:`roi_client.framing.serialize` writes in its place
+    (``out``'s own memory when it is contiguous)."""
+    msg.dtype = WIRE_OF_TORCH[out.dtype]
     if out.dtype == torch.bfloat16:
         out = out.view(torch.int16)
-    arr = out.contiguous().numpy()
-    msg.dtype = wire_dtype
+    arr = wire.little_endian(out.contiguous().numpy())
     msg.shape.extend(arr.shape)
-    data = arr.tobytes()
-    msg.data = data
-    return len(data)
+    msg.data = framing.placeholder(index)
+    return arr

@@ -1,9 +1,9 @@
 """``roi.v1.RoIService``: Pool, PoolStream and Describe.
 
-The methods are registered with raw-bytes (de)serializers: gRPC hands over the message's bytes
-on the event loop, and parsing them (a copy of every tensor) happens here, on a thread when the
-message is large, so that one large request does not stall every other connection. The same
-goes for serialising large responses.
+The methods are registered with raw-bytes (de)serializers: gRPC hands over the message's bytes,
+and :mod:`roi_client.framing` parses them here without copying a tensor (the maps the kernels
+read are views of those bytes); a response is its header and the output's memory joined once.
+Large messages are handled on a thread, so that one does not stall every other connection.
 
 Error handling lives in one place, :meth:`RoIService._answer`: what a request ends in is turned
 into its status by :func:`~roi_server.errors.status_of`, counted, and sent (as the RPC's status
@@ -22,10 +22,19 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
+from roi_client import framing
 from roi_client._proto.roi.v1 import roi_pb2
 
 from .batcher import BatchResult, DynamicBatcher
-from .codec import OP_NAMES, WIRE_OF_TORCH, DecodedRequest, Limits, decode_request, encode_output, peek_header
+from .codec import (
+    OP_NAMES,
+    WIRE_OF_TORCH,
+    DecodedRequest,
+    Limits,
+    decode_request,
+    output_payload,
+    peek_header,
+)
 from .errors import InvalidArgument, ServiceError, Unavailable, status_of
 from .metrics import ServiceMetrics
 
@@ -234,10 +243,12 @@ class RoIService:
                 if self.batcher is None:
                     raise Unavailable("the server is warming up")
                 self.batcher.refuse_if_full()
-            req = await self._off_loop(len(raw), _parse, raw)
+            req, frame = await self._off_loop(len(raw), _parse, raw)
             req_id = req.id
             op = OP_NAMES.get(req.op, "unknown")
-            decoded: DecodedRequest = await self._off_loop(len(raw), decode_request, req, self.limits, self._available)
+            decoded: DecodedRequest = await self._off_loop(
+                len(raw), decode_request, req, self.limits, self._available, frame
+            )
             remaining = None if deadline is None else deadline - time.perf_counter()
             result = await self.batcher.submit(decoded, remaining)
             out_bytes = result.output.numel() * result.output.element_size()
@@ -305,20 +316,20 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.perf_counter() + remaining
 
 
-def _parse(raw: bytes) -> roi_pb2.PoolRequest:
+def _parse(raw: bytes) -> tuple[roi_pb2.PoolRequest, framing.Frame]:
     try:
-        return roi_pb2.PoolRequest.FromString(raw)
+        return framing.parse(roi_pb2.PoolRequest, raw)
     except DecodeError as exc:
         raise InvalidArgument("", f"the message is not a roi.v1.PoolRequest: {exc}") from None
 
 
 def _encode_response(decoded: DecodedRequest, result: BatchResult, start: float, in_stream: bool) -> bytes:
-    # Built in place inside the stream's envelope: assigning a finished PoolResponse to it
-    # would copy the output once more.
+    # The header is built by protobuf with a placeholder for the output's data, which
+    # framing.serialize replaces by the output's memory: the one copy of the output.
     outer = roi_pb2.PoolStreamResponse(id=decoded.id) if in_stream else None
     resp = outer.response if outer is not None else roi_pb2.PoolResponse()
     resp.id = decoded.id
-    encode_output(result.output, resp.output)
+    payload = output_payload(result.output, resp.output)
     t = resp.timings
     t.queue_seconds = result.queue_s
     t.compute_seconds = result.compute_s
@@ -326,4 +337,4 @@ def _encode_response(decoded: DecodedRequest, result: BatchResult, start: float,
     t.batch_requests = result.batch_requests
     t.batch_boxes = result.batch_boxes
     t.total_seconds = time.perf_counter() - start
-    return (outer if outer is not None else resp).SerializeToString()
+    return framing.serialize(outer if outer is not None else resp, [payload])
