@@ -107,6 +107,17 @@ def convert_boxes_to_rois(boxes: BoxesLike, name: str = "boxes", cols: int = 4) 
     return torch.cat([ids, concat], dim=1)
 
 
+def _is_ragged(input) -> bool:
+    """Whether ``input`` is a ragged batch (a list of ``Tensor[C, H_i, W_i]``) rather than one map."""
+    if isinstance(input, Tensor):
+        return False
+    if not isinstance(input, (list, tuple)):
+        raise TypeError(
+            f"input must be Tensor[N, C, H, W] or a list of Tensor[C, H, W], got {type(input).__name__}"
+        )
+    return True
+
+
 def _check_pool_mode(pool_mode: str) -> None:
     if pool_mode not in ("avg", "max"):
         raise ValueError(f'pool_mode must be "avg" or "max", got {pool_mode!r}')
@@ -142,20 +153,18 @@ def roi_align(
     ph, pw = _pair(output_size)
     scale, ratio = _float("spatial_scale", spatial_scale), _int("sampling_ratio", sampling_ratio)
     rois = convert_boxes_to_rois(boxes)
-    if isinstance(input, Tensor):
-        return _ops.roi_align(input, rois, scale, ph, pw, ratio, bool(aligned), pool_mode)
-    if not isinstance(input, (list, tuple)):
-        raise TypeError(
-            f"input must be Tensor[N, C, H, W] or a list of Tensor[C, H, W], got {type(input).__name__}"
-        )
-    return _ops.roi_align_ragged(list(input), rois, scale, ph, pw, ratio, bool(aligned), pool_mode)
+    if _is_ragged(input):
+        return _ops.roi_align_ragged(list(input), rois, scale, ph, pw, ratio, bool(aligned), pool_mode)
+    return _ops.roi_align(input, rois, scale, ph, pw, ratio, bool(aligned), pool_mode)
 
 
-def roi_pool(input: Tensor, boxes: BoxesLike, output_size: SizeLike, spatial_scale: float = 1.0) -> Tensor:
+def roi_pool(
+    input: Union[Tensor, Sequence[Tensor]], boxes: BoxesLike, output_size: SizeLike, spatial_scale: float = 1.0
+) -> Tensor:
     """RoIPool (Fast R-CNN): the box and its bins snapped to the grid, max over each bin.
 
     Args:
-        input: ``Tensor[N, C, H, W]``.
+        input: ``Tensor[N, C, H, W]``, or a list of ``Tensor[C, H_i, W_i]`` (a ragged batch).
         boxes: ``Tensor[K, 5]`` or ``list[Tensor[L_i, 4]]`` in image pixels.
         output_size: ``(PH, PW)`` or one int.
         spatial_scale: feature-map size over image size, e.g. ``1/16``.
@@ -164,11 +173,14 @@ def roi_pool(input: Tensor, boxes: BoxesLike, output_size: SizeLike, spatial_sca
         ``Tensor[K, C, PH, PW]``; an empty bin gives 0.
     """
     ph, pw = _pair(output_size)
-    return _ops.roi_pool(input, convert_boxes_to_rois(boxes), _float("spatial_scale", spatial_scale), ph, pw)
+    rois, scale = convert_boxes_to_rois(boxes), _float("spatial_scale", spatial_scale)
+    if _is_ragged(input):
+        return _ops.roi_pool_ragged(list(input), rois, scale, ph, pw)
+    return _ops.roi_pool(input, rois, scale, ph, pw)
 
 
 def ps_roi_align(
-    input: Tensor,
+    input: Union[Tensor, Sequence[Tensor]],
     boxes: BoxesLike,
     output_size: SizeLike,
     spatial_scale: float = 1.0,
@@ -177,7 +189,8 @@ def ps_roi_align(
     """Position-sensitive RoIAlign (R-FCN).
 
     Args:
-        input: ``Tensor[N, C_out * PH * PW, H, W]``.
+        input: ``Tensor[N, C_out * PH * PW, H, W]``, or a list of ``Tensor[C_out * PH * PW,
+            H_i, W_i]`` (a ragged batch).
         boxes: ``Tensor[K, 5]`` or ``list[Tensor[L_i, 4]]``.
 
     Returns:
@@ -185,33 +198,35 @@ def ps_roi_align(
         ``(c * PH + ph) * PW + pw``.
     """
     ph, pw = _pair(output_size)
-    return _ops.ps_roi_align(
-        input,
-        convert_boxes_to_rois(boxes),
-        _float("spatial_scale", spatial_scale),
-        ph,
-        pw,
-        _int("sampling_ratio", sampling_ratio),
-    )
+    rois, scale = convert_boxes_to_rois(boxes), _float("spatial_scale", spatial_scale)
+    ratio = _int("sampling_ratio", sampling_ratio)
+    if _is_ragged(input):
+        return _ops.ps_roi_align_ragged(list(input), rois, scale, ph, pw, ratio)
+    return _ops.ps_roi_align(input, rois, scale, ph, pw, ratio)
 
 
-def ps_roi_pool(input: Tensor, boxes: BoxesLike, output_size: SizeLike, spatial_scale: float = 1.0) -> Tensor:
+def ps_roi_pool(
+    input: Union[Tensor, Sequence[Tensor]], boxes: BoxesLike, output_size: SizeLike, spatial_scale: float = 1.0
+) -> Tensor:
     """Position-sensitive RoIPool (R-FCN): the average of each bin's cells.
 
     Args:
-        input: ``Tensor[N, C_out * PH * PW, H, W]``.
+        input: ``Tensor[N, C_out * PH * PW, H, W]``, or a list of ``Tensor[C_out * PH * PW,
+            H_i, W_i]`` (a ragged batch).
         boxes: ``Tensor[K, 5]`` or ``list[Tensor[L_i, 4]]``.
 
     Returns:
         ``Tensor[K, C_out, PH, PW]``.
     """
     ph, pw = _pair(output_size)
-    scale = _float("spatial_scale", spatial_scale)
-    return _ops.ps_roi_pool(input, convert_boxes_to_rois(boxes), scale, ph, pw)
+    rois, scale = convert_boxes_to_rois(boxes), _float("spatial_scale", spatial_scale)
+    if _is_ragged(input):
+        return _ops.ps_roi_pool_ragged(list(input), rois, scale, ph, pw)
+    return _ops.ps_roi_pool(input, rois, scale, ph, pw)
 
 
 def roi_align_rotated(
-    input: Tensor,
+    input: Union[Tensor, Sequence[Tensor]],
     rois: BoxesLike,
     output_size: SizeLike,
     spatial_scale: float = 1.0,
@@ -221,7 +236,7 @@ def roi_align_rotated(
     """RoIAlign over rotated boxes (detectron2's ``ROIAlignRotated``).
 
     Args:
-        input: ``Tensor[N, C, H, W]``.
+        input: ``Tensor[N, C, H, W]``, or a list of ``Tensor[C, H_i, W_i]`` (a ragged batch).
         rois: ``Tensor[K, 6]`` as ``(image index, cx, cy, w, h, angle)``, or a list of
             ``Tensor[L_i, 5]``; the angle is in degrees, counter-clockwise on screen.
         aligned: ``True`` (detectron2): centre shifted by -0.5 pixel, no minimum size;
@@ -233,6 +248,8 @@ def roi_align_rotated(
     ph, pw = _pair(output_size)
     r = convert_boxes_to_rois(rois, name="rois", cols=5)
     scale, ratio = _float("spatial_scale", spatial_scale), _int("sampling_ratio", sampling_ratio)
+    if _is_ragged(input):
+        return _ops.roi_align_rotated_ragged(list(input), r, scale, ph, pw, ratio, bool(aligned))
     return _ops.roi_align_rotated(input, r, scale, ph, pw, ratio, bool(aligned))
 
 
@@ -330,6 +347,13 @@ def _check_maps_fake(maps, name: str) -> None:
         torch._check(m.dtype == maps[0].dtype, lambda: f"{name}[{i}] must have the dtype of the first map")
 
 
+def _ragged_fake(features) -> Tensor:
+    """The ragged ops' checks of their list of maps; returns the first map."""
+    torch._check(len(features) > 0, lambda: "input must hold at least one map")
+    _check_maps_fake(features, "input")
+    return features[0]
+
+
 @torch.library.register_fake("roi_kernels::roi_align")
 def _roi_align_fake(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_mode):
     torch._check(input.dim() == 4, lambda: "input must be Tensor[N, C, H, W]")
@@ -341,10 +365,9 @@ def _roi_align_fake(input, rois, spatial_scale, pooled_height, pooled_width, sam
 def _roi_align_ragged_fake(
     features, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, pool_mode
 ):
-    torch._check(len(features) > 0, lambda: "input must hold at least one map")
-    _check_maps_fake(features, "input")
-    _check_rois_fake(rois, features[0], 5)
-    return _empty_like_output(features[0], rois.size(0), features[0].size(0), pooled_height, pooled_width)
+    first = _ragged_fake(features)
+    _check_rois_fake(rois, first, 5)
+    return _empty_like_output(first, rois.size(0), first.size(0), pooled_height, pooled_width)
 
 
 @torch.library.register_fake("roi_kernels::multiscale_roi_align")
@@ -366,6 +389,29 @@ def _multiscale_fake(
     return _empty_like_output(features[0], rois.size(0), features[0].size(1), pooled_height, pooled_width)
 
 
+@torch.library.register_fake("roi_kernels::multiscale_roi_align_ragged")
+def _multiscale_ragged_fake(
+    features,
+    rois,
+    spatial_scales,
+    pooled_height,
+    pooled_width,
+    sampling_ratio,
+    aligned,
+    pool_mode,
+    canonical_scale,
+    canonical_level,
+):
+    torch._check(len(spatial_scales) > 0, lambda: "spatial_scales must give the scale of at least one level")
+    torch._check(
+        len(features) > 0 and len(features) % len(spatial_scales) == 0,
+        lambda: "features must hold one Tensor[C, H, W] per level and image (L * N maps)",
+    )
+    _check_maps_fake(features, "features")
+    _check_rois_fake(rois, features[0], 5)
+    return _empty_like_output(features[0], rois.size(0), features[0].size(0), pooled_height, pooled_width)
+
+
 @torch.library.register_fake("roi_kernels::roi_pool")
 def _roi_pool_fake(input, rois, spatial_scale, pooled_height, pooled_width):
     torch._check(input.dim() == 4, lambda: "input must be Tensor[N, C, H, W]")
@@ -373,25 +419,51 @@ def _roi_pool_fake(input, rois, spatial_scale, pooled_height, pooled_width):
     return _empty_like_output(input, rois.size(0), input.size(1), pooled_height, pooled_width)
 
 
-def _ps_fake(input, rois, pooled_height, pooled_width):
-    torch._check(input.dim() == 4, lambda: "input must be Tensor[N, C, H, W]")
-    _check_rois_fake(rois, input, 5)
+@torch.library.register_fake("roi_kernels::roi_pool_ragged")
+def _roi_pool_ragged_fake(features, rois, spatial_scale, pooled_height, pooled_width):
+    first = _ragged_fake(features)
+    _check_rois_fake(rois, first, 5)
+    return _empty_like_output(first, rois.size(0), first.size(0), pooled_height, pooled_width)
+
+
+def _ps_fake(ref, channels, rois, pooled_height, pooled_width):
+    _check_rois_fake(rois, ref, 5)
     bins = pooled_height * pooled_width
     torch._check(
-        input.size(1) % bins == 0,
+        channels % bins == 0,
         lambda: "input channels must be a multiple of output_size[0] * output_size[1]",
     )
-    return _empty_like_output(input, rois.size(0), input.size(1) // bins, pooled_height, pooled_width)
+    return _empty_like_output(ref, rois.size(0), channels // bins, pooled_height, pooled_width)
+
+
+def _ps_single_fake(input, rois, pooled_height, pooled_width):
+    torch._check(input.dim() == 4, lambda: "input must be Tensor[N, C, H, W]")
+    return _ps_fake(input, input.size(1), rois, pooled_height, pooled_width)
+
+
+def _ps_ragged_fake(features, rois, pooled_height, pooled_width):
+    first = _ragged_fake(features)
+    return _ps_fake(first, first.size(0), rois, pooled_height, pooled_width)
 
 
 @torch.library.register_fake("roi_kernels::ps_roi_align")
 def _ps_roi_align_fake(input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio):
-    return _ps_fake(input, rois, pooled_height, pooled_width)
+    return _ps_single_fake(input, rois, pooled_height, pooled_width)
+
+
+@torch.library.register_fake("roi_kernels::ps_roi_align_ragged")
+def _ps_roi_align_ragged_fake(features, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio):
+    return _ps_ragged_fake(features, rois, pooled_height, pooled_width)
 
 
 @torch.library.register_fake("roi_kernels::ps_roi_pool")
 def _ps_roi_pool_fake(input, rois, spatial_scale, pooled_height, pooled_width):
-    return _ps_fake(input, rois, pooled_height, pooled_width)
+    return _ps_single_fake(input, rois, pooled_height, pooled_width)
+
+
+@torch.library.register_fake("roi_kernels::ps_roi_pool_ragged")
+def _ps_roi_pool_ragged_fake(features, rois, spatial_scale, pooled_height, pooled_width):
+    return _ps_ragged_fake(features, rois, pooled_height, pooled_width)
 
 
 @torch.library.register_fake("roi_kernels::roi_align_rotated")
@@ -401,3 +473,8 @@ def _roi_align_rotated_fake(input, rois, spatial_scale, pooled_height, pooled_wi
     return _empty_like_output(input, rois.size(0), input.size(1), pooled_height, pooled_width)
 
 
+@torch.library.register_fake("roi_kernels::roi_align_rotated_ragged")
+def _roi_align_rotated_ragged_fake(features, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned):
+    first = _ragged_fake(features)
+    _check_rois_fake(rois, first, 6, "rois")
+    return _empty_like_output(first, rois.size(0), first.size(0), pooled_height, pooled_width)

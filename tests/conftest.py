@@ -77,3 +77,73 @@ def edge_boxes(image_h: float, image_w: float, num_images: int = 1, dtype=None):
     out = torch.tensor(rows, dtype=torch.float64)
     out[:, 0] = torch.arange(len(rows)) % num_images
     return out.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ragged batches: per-image maps, against the single-map ops
+# ---------------------------------------------------------------------------------------------
+
+RAGGED_DTYPES = ["float32", "float16", "bfloat16", "float64"]
+RAGGED_LAYOUTS = ["contiguous", "channels_last", "strided"]
+
+
+def in_layout(x, kind: str):
+    """x ([N, C, H, W]) with the same values in another memory layout: contiguous,
+    channels_last, or a strided view (every other column of a wider map)."""
+    import torch
+
+    if kind == "contiguous":
+        return x.contiguous()
+    if kind == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1] + 1, dtype=x.dtype)
+    wide[..., 1::2] = x
+    return wide[..., 1::2]
+
+
+def ragged_maps(gen, sizes, channels: int, dtype, kind: str):
+    """One map Tensor[C, H, W] per (H, W) of sizes, each in the layout `kind`."""
+    import torch
+
+    return [
+        in_layout(torch.randn(1, channels, h, w, generator=gen, dtype=torch.float64).to(dtype), kind)[0]
+        for h, w in sizes
+    ]
+
+
+def random_sizes(gen, n: int, lo: int, hi: int) -> list[tuple[int, int]]:
+    import torch
+
+    return [tuple(int(v) for v in torch.randint(lo, hi + 1, (2,), generator=gen)) for _ in range(n)]
+
+
+def per_image(op, maps, rois, *args):
+    """What a ragged op must give, bit for bit: the single-map op on each image alone (as
+    Tensor[1, C, H, W], its boxes' image index 0), the results put back in the boxes' order.
+    maps: one entry per image, each a list of its maps (the FPN levels) or one map."""
+    import torch
+
+    outs, order = [], []
+    for i, m in enumerate(maps):
+        sel = torch.nonzero(rois[:, 0].long() == i).flatten()
+        r = rois[sel].clone()
+        r[:, 0] = 0
+        x = [level[None] for level in m] if isinstance(m, (list, tuple)) else m[None]
+        outs.append(op(x, r, *args))
+        order.append(sel)
+    return torch.cat(outs)[torch.argsort(torch.cat(order))]
+
+
+def assert_same_bits(got, want):
+    """Equal bit for bit (NaN == NaN, -0.0 != 0.0), shape and dtype included."""
+    import torch
+
+    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, got.dtype, want.shape, want.dtype)
+    if torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)):
+        return
+    diff = (got.double() - want.double()).abs().nan_to_num(float("inf"))
+    where = torch.nonzero(diff > 0)
+    raise AssertionError(
+        f"{len(where)} of {want.numel()} outputs differ; first at {tuple(where[0].tolist())}: "
+        f"{got[tuple(where[0])].item()!r} vs {want[tuple(where[0])].item()!r}"
+    )

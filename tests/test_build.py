@@ -21,10 +21,15 @@ OPS = {
     "roi_align",
     "roi_align_ragged",
     "multiscale_roi_align",
+    "multiscale_roi_align_ragged",
     "roi_pool",
+    "roi_pool_ragged",
     "ps_roi_align",
+    "ps_roi_align_ragged",
     "ps_roi_pool",
+    "ps_roi_pool_ragged",
     "roi_align_rotated",
+    "roi_align_rotated_ragged",
 }
 
 

@@ -34,10 +34,15 @@ OPS = {
     "roi_align",
     "roi_align_ragged",
     "multiscale_roi_align",
+    "multiscale_roi_align_ragged",
     "roi_pool",
+    "roi_pool_ragged",
     "ps_roi_align",
+    "ps_roi_align_ragged",
     "ps_roi_pool",
+    "ps_roi_pool_ragged",
     "roi_align_rotated",
+    "roi_align_rotated_ragged",
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -106,10 +111,11 @@ def test_every_cuda_source_was_compiled(cuda_build):
 # Every __global__ template instantiated by the .cu files: (kernel, instantiations).
 KERNEL_INSTANTIATIONS = {
     "align::roi_align_kernel": 4 * 2 * 2,  # dtypes x (avg, max) x (NCHW, channels_last)
-    "pool::roi_pool_kernel": 4 * 2,
-    "ps_align::ps_roi_align_kernel": 4,
-    "ps_pool::ps_roi_pool_kernel": 4,
-    "rotated::roi_align_rotated_kernel": 4,
+    # The one-map kernels: dtypes x (one map, ragged image table), and roi_pool's layouts.
+    "pool::roi_pool_kernel": 4 * 2 * 2,
+    "ps_align::ps_roi_align_kernel": 4 * 2,
+    "ps_pool::ps_roi_pool_kernel": 4 * 2,
+    "rotated::roi_align_rotated_kernel": 4 * 2,
 }
 
 

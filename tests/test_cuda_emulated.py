@@ -319,6 +319,79 @@ def test_roi_align_rotated(emu, seed, dtype, kind, aligned, sampling_ratio):
 
 
 # ---------------------------------------------------------------------------------------------
+# Ragged batches of the one-map ops and FPN levels per image, through the image table beyond
+# kInlineImages / kInlineMaps
+# ---------------------------------------------------------------------------------------------
+
+
+def ragged_case(gen, op, num_images, dtype, kind):
+    """Per-image maps of random sizes (one of them empty), boxes over all of them, and the op's
+    arguments after the boxes."""
+    ph, pw = 3, 2
+    c = 2 * ph * pw if op.startswith("ps_") else 35
+    maps = []
+    for i in range(num_images):
+        h, w = (int(v) for v in torch.randint(2, 14, (2,), generator=gen))
+        maps.append(torch.zeros(c, 0, w, dtype=dtype) if i == 1 else feature_map(gen, 1, c, h, w, dtype, kind)[0])
+    if op == "roi_align_rotated":
+        return maps, rotated_boxes(gen, 2 * num_images, 26, 26, num_images, box_dtype(dtype)), (0.5, ph, pw, -1, True)
+    rois = align_boxes(gen, 2 * num_images, 13, 13, num_images, 0.5, box_dtype(dtype))
+    extra = {"roi_pool": (), "ps_roi_align": (2,), "ps_roi_pool": ()}[op]
+    return maps, rois, (0.5, ph, pw, *extra)
+
+
+ONE_MAP_OPS = ["roi_pool", "ps_roi_align", "ps_roi_pool", "roi_align_rotated"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("op", ONE_MAP_OPS)
+def test_one_map_ops_ragged(emu, seed, op, kind, dtype):
+    """11 images: more than the kernels' inline image table (8) holds, so the descriptors go
+    through the device buffer; 3 fit inline."""
+    gen = torch.Generator().manual_seed(seed)
+    for num_images in (3, 11):
+        maps, rois, args = ragged_case(gen, op, num_images, dtype, kind)
+        name = op + "_ragged"
+        assert_same_bits(getattr(emu, name)(maps, rois, *args), getattr(CPU, name)(maps, rois, *args))
+
+
+@pytest.mark.parametrize("op", ONE_MAP_OPS)
+def test_one_map_ops_ragged_grid_wraps(emu, seed, grid_cap, op):
+    gen = torch.Generator().manual_seed(seed)
+    maps, rois, args = ragged_case(gen, op, 9, torch.float32, "contiguous")
+    grid_cap(2)
+    name = op + "_ragged"
+    assert_same_bits(getattr(emu, name)(maps, rois, *args), getattr(CPU, name)(maps, rois, *args))
+    assert_same_bits(getattr(emu, name)(maps, rois[:0], *args), getattr(CPU, name)(maps, rois[:0], *args))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("levels", [1, 4])
+def test_multiscale_roi_align_ragged(emu, seed, dtype, kind, levels):
+    """FPN levels 2..(levels + 1) of 3 images of different sizes, level-major; 4 levels make 12
+    maps, through the device table."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [(128, 96), (70, 128), (33, 40)]
+    maps = [
+        feature_map(gen, 1, 6, math.ceil(h / 2**k), math.ceil(w / 2**k), dtype, kind)[0]
+        for k in range(2, 2 + levels)
+        for h, w in sizes
+    ]
+    scales = [2.0**-k for k in range(2, 2 + levels)]
+    rois = torch.cat(
+        [
+            random_boxes(gen, 24, 128, 128, num_images=3, min_side=2, max_side=600, clip=False, dtype=torch.float64),
+            edge_boxes(128, 128, num_images=3, dtype=torch.float64),
+        ]
+    ).to(box_dtype(dtype))
+    for mode in ("avg", "max"):
+        args = (rois, scales, 4, 3, 2, True, mode, 224, 4)
+        assert_same_bits(emu.multiscale_roi_align_ragged(maps, *args), CPU.multiscale_roi_align_ragged(maps, *args))
+
+
+# ---------------------------------------------------------------------------------------------
 # Empty inputs
 # ---------------------------------------------------------------------------------------------
 

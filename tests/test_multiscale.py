@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import edge_boxes, random_boxes
+from conftest import (
+    RAGGED_DTYPES,
+    RAGGED_LAYOUTS,
+    assert_same_bits,
+    edge_boxes,
+    in_layout,
+    per_image,
+    random_boxes,
+)
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.poolers import LevelMapper
 
@@ -185,3 +193,74 @@ def test_level_assignment_at_level_boundaries(seed):
     assert exact_sqrt.mean() > 0.9
     differs = (ours != ref).numpy() & exact_sqrt
     assert not differs.any(), f"{differs.sum()} boxes on another level than torchvision's"
+
+
+# ---------------------------------------------------------------------------------------------
+# The ragged form (FPN levels per image): bit for bit multiscale_roi_align on the same images
+# ---------------------------------------------------------------------------------------------
+
+SCALES = [0.25, 0.125, 0.0625, 0.03125]
+
+
+def level_major(per_image_levels):
+    """[[image 0's levels], [image 1's levels], ...] -> the flat level-major list of the op."""
+    return [m for level in zip(*per_image_levels) for m in level]
+
+
+@pytest.mark.parametrize("kind", RAGGED_LAYOUTS)
+@pytest.mark.parametrize("dtype", RAGGED_DTYPES)
+@pytest.mark.parametrize("levels", [1, 4])
+@pytest.mark.parametrize("mode", ["avg", "max"])
+def test_ragged_equals_multiscale_roi_align(seed, mode, dtype, kind, levels):
+    gen = torch.Generator().manual_seed(seed)
+    ops = torch.ops.roi_kernels
+    dtype = getattr(torch, dtype)
+    box_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    scales = SCALES[:levels]
+    sr, aligned = int(torch.randint(-1, 3, (1,), generator=gen)), bool(torch.randint(0, 2, (1,), generator=gen))
+    tail = (7, 5, sr, aligned, mode, 224, 4)
+    # Stacked levels [N, C, H_l, W_l] and their images as views.
+    stacked = [in_layout(m, kind) for m in fpn_maps(gen, [(256, 320)] * 3, channels=5, levels=range(2, 2 + levels), dtype=dtype)]
+    boxes = torch.cat(
+        [
+            random_boxes(gen, 60, 256, 320, num_images=3, min_side=4, max_side=600, clip=False, dtype=torch.float64),
+            edge_boxes(256, 320, num_images=3, dtype=torch.float64),
+        ]
+    ).to(box_dtype)
+    views = [m.unbind(0) for m in stacked]
+    got = ops.multiscale_roi_align_ragged([v for level in views for v in level], boxes, scales, *tail)
+    assert_same_bits(got, ops.multiscale_roi_align(stacked, boxes, scales, *tail))
+    # Images of different sizes: each as multiscale_roi_align pools it alone.
+    sizes = [(256, 320), (130, 70), (200, 256)]
+    images = [[in_layout(m, kind)[0] for m in fpn_maps(gen, [size], channels=5, levels=range(2, 2 + levels), dtype=dtype)] for size in sizes]
+    boxes = torch.cat(
+        [
+            random_boxes(gen, 60, 256, 320, num_images=3, min_side=4, max_side=600, clip=False, dtype=torch.float64),
+            edge_boxes(256, 320, num_images=3, dtype=torch.float64),
+        ]
+    ).to(box_dtype)
+    got = ops.multiscale_roi_align_ragged(level_major(images), boxes, scales, *tail)
+    assert got.is_contiguous()
+    assert_same_bits(got, per_image(lambda x, r: ops.multiscale_roi_align(x, r, scales, *tail), images, boxes))
+    assert ops.multiscale_roi_align_ragged(level_major(images), boxes[:0], scales, *tail).shape == (0, 5, 7, 5)
+
+
+def test_ragged_errors():
+    ops = torch.ops.roi_kernels
+    maps = [torch.randn(4, 16, 16), torch.randn(4, 12, 10), torch.randn(4, 8, 8), torch.randn(4, 6, 5)]
+    boxes = torch.tensor([[1.0, 0, 0, 10, 10]])
+    tail = (2, 2, 2, False, "avg", 224, 4)
+    with pytest.raises(RuntimeError, match=r"features must hold one Tensor\[C, H, W\] per level and image.*got 3 maps"):
+        ops.multiscale_roi_align_ragged(maps[:3], boxes, [0.25, 0.125], *tail)
+    with pytest.raises(RuntimeError, match="consecutive powers"):
+        ops.multiscale_roi_align_ragged(maps, boxes, [0.25, 0.0625], *tail)
+    with pytest.raises(RuntimeError, match=r"features\[3\] must have the channels of features\[0\] \(4\), got 5"):
+        ops.multiscale_roi_align_ragged([*maps[:3], torch.randn(5, 6, 5)], boxes, [0.25, 0.125], *tail)
+    with pytest.raises(RuntimeError, match=r"features\[1\] must be a 3-D tensor"):
+        ops.multiscale_roi_align_ragged([maps[0], maps[1][None]], boxes, [0.25, 0.125], *tail)
+    with pytest.raises(RuntimeError, match=r"spatial_scales\[1\]"):
+        ops.multiscale_roi_align_ragged(maps, boxes, [0.25, -0.125], *tail)
+    with pytest.raises(RuntimeError, match=r"boxes\[:, 0\] \(the image index\) must be in \[0, 2\)"):
+        ops.multiscale_roi_align_ragged(maps, torch.tensor([[2.0, 0, 0, 10, 10]]), [0.25, 0.125], *tail)
+    with pytest.raises(RuntimeError, match="spatial_scales must give the scale of at least one level"):
+        ops.multiscale_roi_align_ragged(maps, boxes, [], *tail)

@@ -35,15 +35,29 @@ def samples(op: str, dtype: torch.dtype, lay: str, empty: bool):
     if op == "multiscale_roi_align":
         maps = [layout(torch.randn(2, 4, 32 // 2**i, 40 // 2**i, generator=gen).to(dtype), lay) for i in range(4)]
         return OPS.multiscale_roi_align.default, (maps, boxes, [0.25, 0.125, 0.0625, 0.03125], 3, 3, 2, False, "avg", 224, 4)
+    if op == "multiscale_roi_align_ragged":
+        # Two images of different sizes, level-major.
+        maps = [layout(torch.randn(1, 4, (32 - 8 * n) // 2**i, (40 - 6 * n) // 2**i, generator=gen).to(dtype), lay)[0] for i in range(4) for n in range(2)]
+        return OPS.multiscale_roi_align_ragged.default, (maps, boxes, [0.25, 0.125, 0.0625, 0.03125], 3, 3, 2, False, "max", 224, 4)
+    # The one-map ops' ragged forms: two images of different sizes.
+    images = [layout(x[:1], lay)[0], layout(x[1:, :, :10, :7], lay)[0]]
     if op == "roi_pool":
         return OPS.roi_pool.default, (x, boxes, 1 / 16, 3, 2)
+    if op == "roi_pool_ragged":
+        return OPS.roi_pool_ragged.default, (images, boxes, 1 / 16, 3, 2)
     if op == "ps_roi_align":
         return OPS.ps_roi_align.default, (x, boxes, 1 / 16, 3, 2, -1)
+    if op == "ps_roi_align_ragged":
+        return OPS.ps_roi_align_ragged.default, (images, boxes, 1 / 16, 2, 3, 2)
     if op == "ps_roi_pool":
         return OPS.ps_roi_pool.default, (x, boxes, 1 / 16, 2, 3)
-    if op == "roi_align_rotated":
+    if op == "ps_roi_pool_ragged":
+        return OPS.ps_roi_pool_ragged.default, (images, boxes, 1 / 16, 3, 2)
+    if op in ("roi_align_rotated", "roi_align_rotated_ragged"):
         b = random_boxes(gen, 8, 300, 400, num_images=2)[:k]
         rois = torch.cat([b[:, :3], (b[:, 3:] - b[:, 1:3]).abs(), torch.rand(len(b), 1, generator=gen) * 90], 1)
+        if op == "roi_align_rotated_ragged":
+            return OPS.roi_align_rotated_ragged.default, (images, rois, 1 / 16, 3, 2, 2, True)
         return OPS.roi_align_rotated.default, (x, rois, 1 / 16, 3, 2, 2, True)
     raise AssertionError(op)
 
@@ -53,10 +67,15 @@ ALL = [
     "roi_align_max",
     "roi_align_ragged",
     "multiscale_roi_align",
+    "multiscale_roi_align_ragged",
     "roi_pool",
+    "roi_pool_ragged",
     "ps_roi_align",
+    "ps_roi_align_ragged",
     "ps_roi_pool",
+    "ps_roi_pool_ragged",
     "roi_align_rotated",
+    "roi_align_rotated_ragged",
 ]
 
 

@@ -8,7 +8,17 @@ import time
 import pytest
 import torch
 import torchvision
-from conftest import edge_boxes, random_boxes
+from conftest import (
+    RAGGED_DTYPES,
+    RAGGED_LAYOUTS,
+    assert_same_bits,
+    edge_boxes,
+    in_layout,
+    per_image,
+    ragged_maps,
+    random_boxes,
+    random_sizes,
+)
 
 import roi_kernels
 
@@ -331,6 +341,53 @@ def test_modules_match_functions(seed):
     assert "sampling_ratio=2" in repr(align) and "spatial_scale=0.0625" in repr(pool)
     torch.testing.assert_close(align(x, boxes), torchvision.ops.PSRoIAlign((3, 3), 1 / 16, 2)(x, boxes), **F32)
     torch.testing.assert_close(pool(x, boxes), torchvision.ops.PSRoIPool(3, 1 / 16)(x, boxes), **F32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ragged forms (per-image maps): bit for bit the single-map ops on the same images
+# ---------------------------------------------------------------------------------------------
+
+RAGGED = {
+    "ps_roi_align": (torch.ops.roi_kernels.ps_roi_align, torch.ops.roi_kernels.ps_roi_align_ragged, (0.5, 3, 2, -1)),
+    "ps_roi_align_sr2": (torch.ops.roi_kernels.ps_roi_align, torch.ops.roi_kernels.ps_roi_align_ragged, (0.5, 2, 3, 2)),
+    "ps_roi_pool": (torch.ops.roi_kernels.ps_roi_pool, torch.ops.roi_kernels.ps_roi_pool_ragged, (0.5, 3, 2)),
+}
+
+
+@pytest.mark.parametrize("kind", RAGGED_LAYOUTS)
+@pytest.mark.parametrize("dtype", RAGGED_DTYPES)
+@pytest.mark.parametrize("op", RAGGED)
+def test_ragged_equals_the_single_map_op(seed, op, dtype, kind):
+    gen = torch.Generator().manual_seed(seed)
+    single, ragged, args = RAGGED[op]
+    dtype = getattr(torch, dtype)
+    box_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    c = int(torch.randint(1, 5, (1,), generator=gen)) * 6
+    x = in_layout(torch.randn(3, c, 13, 17, generator=gen, dtype=torch.float64).to(dtype), kind)
+    boxes = torch.cat([random_boxes(gen, 30, 26, 34, num_images=3, min_side=1, max_side=30), edge_boxes(26, 34, 3)])
+    boxes = boxes.to(box_dtype)
+    assert_same_bits(ragged(list(x.unbind(0)), boxes, *args), single(x, boxes, *args))
+    sizes = random_sizes(gen, 4, 1, 20)
+    maps = ragged_maps(gen, sizes, c, dtype, kind)
+    boxes = torch.cat([random_boxes(gen, 40, 40, 40, num_images=4, min_side=1, max_side=40), edge_boxes(40, 40, 4)])
+    boxes = boxes.to(box_dtype)
+    got = ragged(maps, boxes, *args)
+    assert got.is_contiguous()
+    assert_same_bits(got, per_image(single, maps, boxes, *args))
+    assert ragged(maps, boxes[:0], *args).shape == (0, c // 6, *args[1:3])
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_ragged_through_the_python_api(op, seed):
+    gen = torch.Generator().manual_seed(seed)
+    maps = ragged_maps(gen, [(9, 14), (20, 7)], 2 * 3 * 3, torch.float32, "contiguous")
+    boxes = random_boxes(gen, 15, 40, 40, num_images=2, min_side=2, max_side=40)
+    want = per_image(lambda x, b: OPS[op](x, b, 3, 0.5), maps, boxes)
+    assert_same_bits(OPS[op](maps, boxes, 3, 0.5), want)
+    with pytest.raises(RuntimeError, match=r"input\[1\] must have the channels of input\[0\] \(18\), got 9"):
+        OPS[op]([maps[0], maps[1][:9]], boxes, 3, 0.5)
+    with pytest.raises(RuntimeError, match=r"input has 18 channels.*multiple of output_size"):
+        OPS[op](maps, boxes, 2, 0.5)
 
 
 @pytest.mark.slow

@@ -10,7 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import random_boxes
+from conftest import (
+    RAGGED_DTYPES,
+    RAGGED_LAYOUTS,
+    assert_same_bits,
+    in_layout,
+    per_image,
+    ragged_maps,
+    random_boxes,
+    random_sizes,
+)
 
 import roi_kernels
 
@@ -376,3 +385,60 @@ def test_bad_input_raises_naming_the_argument():
         f(x[0], rois, 2)
     with pytest.raises(RuntimeError, match="input must be float32"):
         f(x.long(), rois, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ragged form (per-image maps): bit for bit the single-map op on the same images
+# ---------------------------------------------------------------------------------------------
+
+
+def edge_rotated(h, w, n):
+    """Boxes off the map, empty, of negative width, huge, with a NaN angle."""
+    edges = torch.tensor(
+        [
+            [0, -40.0, -30.0, 10.0, 8.0, 30.0],
+            [0, w / 2, h / 2, 1e5, 1e5, 45.0],
+            [0, 5.0, 5.0, 0.0, 0.0, 10.0],
+            [0, 5.0, 5.0, -4.0, 6.0, 0.0],
+            [0, 3.0, 4.0, 6.0, 6.0, math.nan],
+        ],
+        dtype=torch.float64,
+    )
+    edges[:, 0] = torch.arange(len(edges)) % n
+    return edges
+
+
+@pytest.mark.parametrize("kind", RAGGED_LAYOUTS)
+@pytest.mark.parametrize("dtype", RAGGED_DTYPES)
+@pytest.mark.parametrize("aligned", [True, False])
+def test_ragged_equals_the_single_map_op(seed, dtype, kind, aligned):
+    gen = torch.Generator().manual_seed(seed)
+    ops = torch.ops.roi_kernels
+    dtype = getattr(torch, dtype)
+    box_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    c = int(torch.randint(1, 20, (1,), generator=gen))
+    args = (0.5, 3, 4, int(torch.randint(-1, 3, (1,), generator=gen)), aligned)
+    x = in_layout(torch.randn(3, c, 11, 13, generator=gen, dtype=torch.float64).to(dtype), kind)
+    rois = torch.cat([random_rotated(gen, 25, 22, 26, num_images=3, min_side=1, max_side=30, dtype=torch.float64), edge_rotated(22, 26, 3)])
+    rois = rois.to(box_dtype)
+    assert_same_bits(ops.roi_align_rotated_ragged(list(x.unbind(0)), rois, *args), ops.roi_align_rotated(x, rois, *args))
+    sizes = random_sizes(gen, 4, 1, 16)
+    maps = ragged_maps(gen, sizes, c, dtype, kind)
+    rois = torch.cat([random_rotated(gen, 30, 32, 32, num_images=4, min_side=1, max_side=30, dtype=torch.float64), edge_rotated(32, 32, 4)])
+    rois = rois.to(box_dtype)
+    got = ops.roi_align_rotated_ragged(maps, rois, *args)
+    assert got.is_contiguous()
+    assert_same_bits(got, per_image(ops.roi_align_rotated, maps, rois, *args))
+    assert_same_bits(roi_kernels.roi_align_rotated(maps, rois, (3, 4), *args[:1], *args[3:]), got)
+    assert ops.roi_align_rotated_ragged(maps, rois[:0], *args).shape == (0, c, 3, 4)
+
+
+def test_ragged_errors_name_the_argument():
+    maps = [torch.randn(4, 8, 8), torch.randn(4, 6, 5)]
+    rois = torch.tensor([[1.0, 3, 3, 2, 2, 30]])
+    with pytest.raises(RuntimeError, match=r"input\[1\] must have the channels of input\[0\] \(4\), got 3"):
+        roi_kernels.roi_align_rotated([maps[0], torch.randn(3, 5, 5)], rois, 2)
+    with pytest.raises(RuntimeError, match=r"rois must be Tensor\[K, 6\]"):
+        roi_kernels.roi_align_rotated(maps, torch.zeros(2, 5), 2)
+    with pytest.raises(RuntimeError, match=r"rois\[:, 0\] \(the image index\) must be in \[0, 2\)"):
+        roi_kernels.roi_align_rotated(maps, torch.tensor([[2.0, 3, 3, 2, 2, 30]]), 2)

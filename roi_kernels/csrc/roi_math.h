@@ -185,17 +185,19 @@ C10_HOST_DEVICE inline int64_t fpn_level(
   return static_cast<int64_t>(k) - k_min;
 }
 
-// How roi_align's three variants pick a box's feature map (see map_set.h):
+// How a box picks its feature map (see map_set.h):
 //   kSingle: one map [N, C, H, W]; the box's image index picks the image.
 //   kRagged: map i is image i ([1, C, H_i, W_i]); the box's image index picks the map.
 //   kLevels: FPN levels [N, C, H_l, W_l]; fpn_level picks the map, the index the image.
-enum class MapSelect : int { kSingle = 0, kRagged = 1, kLevels = 2 };
+//   kRaggedLevels: FPN levels of per-image maps, level-major: map l * num_images + i is image
+//                  i of level l ([1, C, H_li, W_li]); fpn_level picks l, the index picks i.
+enum class MapSelect : int { kSingle = 0, kRagged = 1, kLevels = 2, kRaggedLevels = 3 };
 
 struct MapSelection {
   MapSelect select;
   int64_t num_images;  // valid range of a box's image index
   int64_t num_maps;
-  int64_t k_min, k_max;  // FPN levels of the first and the last map (kLevels)
+  int64_t k_min, k_max;  // FPN levels of the first and the last level (kLevels, kRaggedLevels)
   int64_t canonical_scale, canonical_level;
 };
 
@@ -216,6 +218,16 @@ C10_HOST_DEVICE inline bool select_map(const MapSelection& s, const T* r, int64_
       map = fpn_level(r[1], r[2], r[3], r[4], s.canonical_scale, s.canonical_level, s.k_min, s.k_max);
       image = idx;
       break;
+    case MapSelect::kRaggedLevels: {
+      const int64_t level =
+          fpn_level(r[1], r[2], r[3], r[4], s.canonical_scale, s.canonical_level, s.k_min, s.k_max);
+      if (level < 0) {
+        return false;  // no level
+      }
+      map = level * s.num_images + idx;
+      image = 0;
+      break;
+    }
     default:
       map = 0;
       image = idx;

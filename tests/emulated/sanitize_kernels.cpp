@@ -9,7 +9,8 @@
 // tensor would span, so one element past the end is outside it. Small shapes (sanitizers make
 // each access 2-20x slower), but every path of every kernel: NCHW, channels_last and strided
 // maps; float, double and half; avg and max; aligned and not; adaptive, 1 and larger sampling
-// ratios; ragged and FPN sets beyond the inline map table (the device-table path); boxes that
+// ratios; ragged and FPN sets (stacked or per image) beyond the inline map table (the
+// device-table path); ragged batches of the one-map kernels, inline and beyond; boxes that
 // take the computed-taps path; NaN, infinite, inverted, out-of-map boxes and out-of-range image
 // indices (the kernels' own guards); empty maps; grids capped so that the grid-stride loops
 // wrap.
@@ -27,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/images.cuh"
 #include "cuda/ps_roi_align_kernel.cuh"
 #include "cuda/ps_roi_pool_kernel.cuh"
 #include "cuda/roi_align_kernel.cuh"
@@ -173,7 +175,8 @@ void roi_align_set(
     bool is_max,
     double image_h,
     double image_w,
-    int64_t k_min = 0) {
+    int64_t k_min = 0,
+    int64_t num_levels = 0) {  // kRaggedLevels: the levels of the level-major maps
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t channels = maps[0].c;
   std::vector<std::unique_ptr<scalar_t[]>> data;
@@ -194,7 +197,8 @@ void roi_align_set(
     std::copy(descs.begin(), descs.end(), global.get());
     table.global = global.get();
   }
-  rk::math::MapSelection sel{select, num_images, table.num, k_min, k_min + table.num - 1, 224, 4};
+  const int64_t k_max = k_min + (num_levels > 0 ? num_levels : table.num) - 1;
+  rk::math::MapSelection sel{select, num_images, table.num, k_min, k_max, 224, 4};
   const std::vector<acc_t> rois = boxes5<acc_t>(7, image_h, image_w, num_images, true);
   const int64_t k = static_cast<int64_t>(rois.size() / 5);
   auto rois_buf = std::make_unique<acc_t[]>(rois.size());
@@ -245,6 +249,19 @@ void roi_align_cases(const char* dtype) {
                                   name(l),
                               fpn, scales, rk::math::MapSelect::kLevels, 2, 4, 3, 2, false, false, 256, 256, 2);
     }
+    // FPN levels per image: 3 levels of 3 images of different sizes, level-major (9 maps, the
+    // device table).
+    std::vector<Map> per_image;
+    std::vector<double> per_image_scales;
+    for (int k = 2; k < 5; ++k) {
+      for (int i = 0; i < 3; ++i) {
+        per_image.push_back(make_map(1, 3, std::max<int64_t>(1, (256 - 60 * i) >> k), std::max<int64_t>(1, (200 + 30 * i) >> k), l));
+        per_image_scales.push_back(std::ldexp(1.0, -k));
+      }
+    }
+    roi_align_set<scalar_t>(std::string("multiscale_roi_align_ragged levels=3 images=3 ") + dtype + " " + name(l),
+                            per_image, per_image_scales, rk::math::MapSelect::kRaggedLevels, 3, 4, 3, 2, false, true, 256,
+                            256, 2, 3);
   }
   // Empty maps, and a grid capped at 2 blocks.
   roi_align_set<scalar_t>(std::string("roi_align empty map ") + dtype, {make_map(1, 4, 0, 5, Layout::kNchw)}, {1.0},
@@ -258,6 +275,91 @@ void roi_align_cases(const char* dtype) {
 // ---------------------------------------------------------------------------------------------
 // roi_pool, ps_roi_align, ps_roi_pool, roi_align_rotated
 // ---------------------------------------------------------------------------------------------
+
+// A ragged batch of per-image maps [c, h_i, w_i] as the one-map kernels take it (images.cuh),
+// each map in a heap buffer of exactly its span; beyond kInlineImages the descriptors are a
+// heap buffer of exactly that many.
+template <typename scalar_t>
+struct RaggedImages {
+  std::vector<std::unique_ptr<scalar_t[]>> data;
+  std::unique_ptr<rk::cuda::ImageDesc[]> global;
+  rk::cuda::ImageTable table;
+  int64_t stride_c = 0;  // of image 0 (the layout decides the kernels' thread mapping)
+
+  RaggedImages(int64_t num, int64_t c, Layout l) {
+    std::memset(&table, 0, sizeof(table));
+    std::vector<rk::cuda::ImageDesc> descs;
+    for (int64_t i = 0; i < num; ++i) {
+      // Sizes vary per image; image 1 is empty.
+      const Map m = make_map(1, c, i == 1 ? 0 : 2 + i % 5, 3 + i % 4, l);
+      data.push_back(buffer<scalar_t>(m.span));
+      descs.push_back({data.back().get(), m.h, m.w, m.sc, m.sh, m.sw});
+    }
+    table.num_images = num;
+    table.channels = c;
+    stride_c = descs[0].stride_c;
+    if (num <= rk::cuda::kInlineImages) {
+      std::copy(descs.begin(), descs.end(), table.inline_images);
+    } else {
+      global.reset(new rk::cuda::ImageDesc[num]);
+      std::copy(descs.begin(), descs.end(), global.get());
+      table.global = global.get();
+    }
+  }
+};
+
+template <typename scalar_t>
+void ragged_cases(const char* dtype) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (Layout l : {Layout::kNchw, Layout::kChannelsLast, Layout::kStrided}) {
+    for (int64_t num : {3, 11}) {
+      const std::string what = std::string(dtype) + " " + name(l) + " images=" + std::to_string(num);
+      {
+        const int64_t c = l == Layout::kChannelsLast ? 40 : 5;
+        RaggedImages<scalar_t> images(num, c, l);
+        const std::vector<acc_t> r = boxes5<acc_t>(2 * num, 12, 14, num, true);
+        const int64_t k = static_cast<int64_t>(r.size() / 5);
+        auto rois = std::make_unique<acc_t[]>(r.size());
+        std::copy(r.begin(), r.end(), rois.get());
+        auto out = std::make_unique<scalar_t[]>(k * c * 3 * 2);
+        rk::cuda::pool::launch_roi_pool<scalar_t>(
+            static_cast<const scalar_t*>(nullptr), images.table, rois.get(), k, c, 0.5, 3, 2,
+            rk::cuda::channels_last_mapping(c, images.stride_c), out.get());
+        report("roi_pool_ragged " + what);
+      }
+      {
+        const int64_t ph = 3, pw = 2, cout = 2;
+        RaggedImages<scalar_t> images(num, cout * ph * pw, l);
+        const std::vector<acc_t> r = boxes5<acc_t>(2 * num, 12, 14, num, true);
+        const int64_t k = static_cast<int64_t>(r.size() / 5);
+        auto rois = std::make_unique<acc_t[]>(r.size());
+        std::copy(r.begin(), r.end(), rois.get());
+        const int64_t total = k * cout * ph * pw;
+        auto out = std::make_unique<scalar_t[]>(total);
+        rk::cuda::ps_align::launch_ps_roi_align<scalar_t>(
+            total, static_cast<const scalar_t*>(nullptr), images.table, rois.get(), static_cast<acc_t>(0.5), ph, pw, 2,
+            cout, out.get());
+        rk::cuda::ps_pool::launch_ps_roi_pool<scalar_t>(
+            total, static_cast<const scalar_t*>(nullptr), images.table, rois.get(), static_cast<acc_t>(0.5), ph, pw,
+            cout, out.get());
+        report("ps_roi_align_ragged, ps_roi_pool_ragged " + what);
+      }
+      {
+        RaggedImages<scalar_t> images(num, 5, l);
+        const std::vector<acc_t> r = boxes6<acc_t>(2 * num, 12, 14, num);
+        const int64_t k = static_cast<int64_t>(r.size() / 6);
+        auto rois = std::make_unique<acc_t[]>(r.size());
+        std::copy(r.begin(), r.end(), rois.get());
+        const int64_t total = k * 5 * 3 * 4;
+        auto out = std::make_unique<scalar_t[]>(total);
+        rk::cuda::rotated::launch_roi_align_rotated<scalar_t>(
+            total, static_cast<const scalar_t*>(nullptr), images.table, rois.get(), static_cast<acc_t>(0.5), 3, 4, 0,
+            true, out.get());
+        report("roi_align_rotated_ragged " + what);
+      }
+    }
+  }
+}
 
 template <typename scalar_t>
 void pool_cases(const char* dtype) {
@@ -327,11 +429,14 @@ int main(int argc, char** argv) {
   const bool quick = argc > 1 && std::string(argv[1]) == "quick";
   roi_align_cases<float>("float32");
   pool_cases<float>("float32");
+  ragged_cases<float>("float32");
   if (!quick) {
     roi_align_cases<double>("float64");
     pool_cases<double>("float64");
+    ragged_cases<double>("float64");
     roi_align_cases<c10::Half>("float16");
     pool_cases<c10::Half>("float16");
+    ragged_cases<c10::Half>("float16");
   }
   std::printf("%d cases\n", cases);
   return 0;

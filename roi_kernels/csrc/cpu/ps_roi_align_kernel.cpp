@@ -1,4 +1,4 @@
-// ps_roi_align (R-FCN) on the CPU.
+// ps_roi_align (R-FCN) on the CPU, over one map or a ragged batch of per-image maps.
 //
 // Work is cut into (box, bin) items run with at::parallel_for. A bin's samples are the same
 // for every output channel (only the input channel changes), so an item computes its taps
@@ -15,7 +15,9 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../map_set.h"
 #include "../roi_math.h"
+#include "images.h"
 
 namespace roi_kernels {
 namespace {
@@ -43,7 +45,7 @@ void apply_chunk(
 
 template <typename scalar_t>
 void ps_roi_align_cpu(
-    const at::Tensor& input,
+    const MapSet& s,
     const at::Tensor& rois,
     double spatial_scale,
     int64_t pooled_height,
@@ -51,13 +53,11 @@ void ps_roi_align_cpu(
     int64_t sampling_ratio,
     at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t num_images = input.size(0);
-  const int64_t height = input.size(2), width = input.size(3);
-  const int64_t sN = input.stride(0), sC = input.stride(1), sH = input.stride(2), sW = input.stride(3);
+  const std::vector<cpu::Image<scalar_t>> images = cpu::images_of<scalar_t>(s);
+  const int64_t num_images = s.num_images;
   const int64_t num_boxes = rois.size(0);
   const int64_t channels_out = out.size(1);
   const int64_t bins = pooled_height * pooled_width;
-  const scalar_t* in = input.const_data_ptr<scalar_t>();
   const acc_t* r = rois.const_data_ptr<acc_t>();
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
 
@@ -92,16 +92,18 @@ void ps_roi_align_cpu(
         continue;
       }
       const math::AlignGeometry<acc_t>& g = geometry[k];
+      const cpu::Image<scalar_t>& img = images[image[k]];
       // Input channel of output channel c is ps_input_channel(c, ph, pw) = c * bins + bin.
-      const scalar_t* first_plane = in + image[k] * sN + math::ps_input_channel(0, ph, pw, pooled_height, pooled_width) * sC;
+      const scalar_t* first_plane =
+          img.data + math::ps_input_channel(0, ph, pw, pooled_height, pooled_width) * img.stride_c;
       const int64_t plane_step = (math::ps_input_channel(1, ph, pw, pooled_height, pooled_width) -
                                   math::ps_input_channel(0, ph, pw, pooled_height, pooled_width)) *
-          sC;
+          img.stride_c;
       std::fill(sums.begin(), sums.end(), acc_t(0));
       taps.clear();
       // Off-map samples contribute 0 to torchvision's sum; only the others are visited.
-      math::for_each_bin_sample(g, ph, pw, height, width, [&](const math::AxisTap<acc_t>& ty, const math::AxisTap<acc_t>& tx) {
-        taps.push_back(math::bilinear_taps(ty, tx, sH, sW));
+      math::for_each_bin_sample(g, ph, pw, img.height, img.width, [&](const math::AxisTap<acc_t>& ty, const math::AxisTap<acc_t>& tx) {
+        taps.push_back(math::bilinear_taps(ty, tx, img.stride_h, img.stride_w));
         if (taps.size() == kTapChunk) {
           apply_chunk(taps, first_plane, plane_step, channels_out, sums.data());
           taps.clear();
@@ -115,6 +117,44 @@ void ps_roi_align_cpu(
   });
 }
 
+at::Tensor run(
+    const MapSet& s,
+    const at::Tensor& rois,
+    double spatial_scale,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t sampling_ratio) {
+  const at::Tensor& first = s.first();
+  checks::check_rois(rois, first, 5, "boxes");
+  checks::check_output_size(pooled_height, pooled_width);
+  checks::check_scale(spatial_scale);
+  checks::check_sampling_ratio(sampling_ratio);
+  for (const at::Tensor& m : s.maps) {
+    TORCH_CHECK(m.device().is_cpu(), "the CPU ps_roi_align got input on ", m.device());
+  }
+  const int64_t bins = pooled_height * pooled_width;
+  TORCH_CHECK(
+      s.channels % bins == 0,
+      "input has ",
+      s.channels,
+      " channels, which is not a multiple of output_size[0] * output_size[1] = ",
+      pooled_height,
+      " * ",
+      pooled_width,
+      " (ps_roi_align reads C_out * PH * PW channels)");
+  checks::check_batch_index(rois, s.num_images, "boxes");
+  const at::Tensor r = checks::rois_for_kernel(rois, first.scalar_type());
+  const int64_t channels_out = s.channels / bins;
+  at::Tensor out = at::empty({r.size(0), channels_out, pooled_height, pooled_width}, first.options());
+  if (out.numel() == 0) {
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "ps_roi_align", [&] {
+    ps_roi_align_cpu<scalar_t>(s, r, spatial_scale, pooled_height, pooled_width, sampling_ratio, out);
+  });
+  return out;
+}
+
 at::Tensor ps_roi_align_forward_kernel(
     const at::Tensor& input,
     const at::Tensor& rois,
@@ -122,39 +162,24 @@ at::Tensor ps_roi_align_forward_kernel(
     int64_t pooled_height,
     int64_t pooled_width,
     int64_t sampling_ratio) {
-  checks::check_map(input, 4, "input");
-  checks::check_rois(rois, input, 5, "boxes");
-  checks::check_output_size(pooled_height, pooled_width);
-  checks::check_scale(spatial_scale);
-  checks::check_sampling_ratio(sampling_ratio);
-  TORCH_CHECK(input.device().is_cpu(), "the CPU ps_roi_align got input on ", input.device());
-  const int64_t bins = pooled_height * pooled_width;
-  TORCH_CHECK(
-      input.size(1) % bins == 0,
-      "input has ",
-      input.size(1),
-      " channels, which is not a multiple of output_size[0] * output_size[1] = ",
-      pooled_height,
-      " * ",
-      pooled_width,
-      " (ps_roi_align reads C_out * PH * PW channels)");
-  checks::check_batch_index(rois, input.size(0), "boxes");
-  const at::Tensor r = checks::rois_for_kernel(rois, input.scalar_type());
-  const int64_t channels_out = input.size(1) / bins;
-  at::Tensor out = at::empty({r.size(0), channels_out, pooled_height, pooled_width}, input.options());
-  if (out.numel() == 0) {
-    return out;
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ps_roi_align", [&] {
-    ps_roi_align_cpu<scalar_t>(input, r, spatial_scale, pooled_height, pooled_width, sampling_ratio, out);
-  });
-  return out;
+  return run(single_map(input), rois, spatial_scale, pooled_height, pooled_width, sampling_ratio);
+}
+
+at::Tensor ps_roi_align_ragged_forward_kernel(
+    at::TensorList features,
+    const at::Tensor& rois,
+    double spatial_scale,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t sampling_ratio) {
+  return run(ragged_maps(features), rois, spatial_scale, pooled_height, pooled_width, sampling_ratio);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(roi_kernels, CPU, m) {
   m.impl("ps_roi_align", &ps_roi_align_forward_kernel);
+  m.impl("ps_roi_align_ragged", &ps_roi_align_ragged_forward_kernel);
 }
 
 }  // namespace roi_kernels

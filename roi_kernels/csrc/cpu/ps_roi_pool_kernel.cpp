@@ -1,4 +1,4 @@
-// ps_roi_pool (R-FCN) on the CPU.
+// ps_roi_pool (R-FCN) on the CPU, over one map or a ragged batch of per-image maps.
 //
 // Work is cut into (box, bin) items run with at::parallel_for: a bin's cells are the same for
 // every output channel, so an item computes them once and averages them in each of the C_out
@@ -14,27 +14,27 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../map_set.h"
 #include "../roi_math.h"
+#include "images.h"
 
 namespace roi_kernels {
 namespace {
 
 template <typename scalar_t>
 void ps_roi_pool_cpu(
-    const at::Tensor& input,
+    const MapSet& s,
     const at::Tensor& rois,
     double spatial_scale,
     int64_t pooled_height,
     int64_t pooled_width,
     at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t num_images = input.size(0);
-  const int64_t height = input.size(2), width = input.size(3);
-  const int64_t sN = input.stride(0), sC = input.stride(1), sH = input.stride(2), sW = input.stride(3);
+  const std::vector<cpu::Image<scalar_t>> images = cpu::images_of<scalar_t>(s);
+  const int64_t num_images = s.num_images;
   const int64_t num_boxes = rois.size(0);
   const int64_t channels_out = out.size(1);
   const int64_t bins = pooled_height * pooled_width;
-  const scalar_t* in = input.const_data_ptr<scalar_t>();
   const acc_t* r = rois.const_data_ptr<acc_t>();
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
 
@@ -62,8 +62,9 @@ void ps_roi_pool_cpu(
       int64_t y0 = 0, y1 = 0, x0 = 0, x1 = 0;
       if (image[k] >= 0) {
         const math::PoolBox& b = boxes[k];
-        math::ps_roi_pool_bin<acc_t>(b.start_y, b.roi_h, pooled_height, ph, height, y0, y1);
-        math::ps_roi_pool_bin<acc_t>(b.start_x, b.roi_w, pooled_width, pw, width, x0, x1);
+        const cpu::Image<scalar_t>& img = images[image[k]];
+        math::ps_roi_pool_bin<acc_t>(b.start_y, b.roi_h, pooled_height, ph, img.height, y0, y1);
+        math::ps_roi_pool_bin<acc_t>(b.start_x, b.roi_w, pooled_width, pw, img.width, x0, x1);
       }
       if (math::pool_bin_empty(y0, y1, x0, x1)) {
         for (int64_t c = 0; c < channels_out; ++c) {
@@ -72,19 +73,56 @@ void ps_roi_pool_cpu(
         continue;
       }
       const acc_t area = math::pool_bin_area<acc_t>(y0, y1, x0, x1);
+      const cpu::Image<scalar_t>& img = images[image[k]];
       for (int64_t c = 0; c < channels_out; ++c) {
         const scalar_t* plane =
-            in + image[k] * sN + math::ps_input_channel(c, ph, pw, pooled_height, pooled_width) * sC;
-        acc_t s = 0;
+            img.data + math::ps_input_channel(c, ph, pw, pooled_height, pooled_width) * img.stride_c;
+        acc_t sum = 0;
         for (int64_t y = y0; y < y1; ++y) {
           for (int64_t x = x0; x < x1; ++x) {
-            s += static_cast<acc_t>(plane[y * sH + x * sW]);
+            sum += static_cast<acc_t>(plane[y * img.stride_h + x * img.stride_w]);
           }
         }
-        dst[c * bins] = static_cast<scalar_t>(math::average(s, area));
+        dst[c * bins] = static_cast<scalar_t>(math::average(sum, area));
       }
     }
   });
+}
+
+at::Tensor run(
+    const MapSet& s,
+    const at::Tensor& rois,
+    double spatial_scale,
+    int64_t pooled_height,
+    int64_t pooled_width) {
+  const at::Tensor& first = s.first();
+  checks::check_rois(rois, first, 5, "boxes");
+  checks::check_output_size(pooled_height, pooled_width);
+  checks::check_scale(spatial_scale);
+  for (const at::Tensor& m : s.maps) {
+    TORCH_CHECK(m.device().is_cpu(), "the CPU ps_roi_pool got input on ", m.device());
+  }
+  const int64_t bins = pooled_height * pooled_width;
+  TORCH_CHECK(
+      s.channels % bins == 0,
+      "input has ",
+      s.channels,
+      " channels, which is not a multiple of output_size[0] * output_size[1] = ",
+      pooled_height,
+      " * ",
+      pooled_width,
+      " (ps_roi_pool reads C_out * PH * PW channels)");
+  checks::check_batch_index(rois, s.num_images, "boxes");
+  const at::Tensor r = checks::rois_for_kernel(rois, first.scalar_type());
+  const int64_t channels_out = s.channels / bins;
+  at::Tensor out = at::empty({r.size(0), channels_out, pooled_height, pooled_width}, first.options());
+  if (out.numel() == 0) {
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "ps_roi_pool", [&] {
+    ps_roi_pool_cpu<scalar_t>(s, r, spatial_scale, pooled_height, pooled_width, out);
+  });
+  return out;
 }
 
 at::Tensor ps_roi_pool_forward_kernel(
@@ -93,38 +131,23 @@ at::Tensor ps_roi_pool_forward_kernel(
     double spatial_scale,
     int64_t pooled_height,
     int64_t pooled_width) {
-  checks::check_map(input, 4, "input");
-  checks::check_rois(rois, input, 5, "boxes");
-  checks::check_output_size(pooled_height, pooled_width);
-  checks::check_scale(spatial_scale);
-  TORCH_CHECK(input.device().is_cpu(), "the CPU ps_roi_pool got input on ", input.device());
-  const int64_t bins = pooled_height * pooled_width;
-  TORCH_CHECK(
-      input.size(1) % bins == 0,
-      "input has ",
-      input.size(1),
-      " channels, which is not a multiple of output_size[0] * output_size[1] = ",
-      pooled_height,
-      " * ",
-      pooled_width,
-      " (ps_roi_pool reads C_out * PH * PW channels)");
-  checks::check_batch_index(rois, input.size(0), "boxes");
-  const at::Tensor r = checks::rois_for_kernel(rois, input.scalar_type());
-  const int64_t channels_out = input.size(1) / bins;
-  at::Tensor out = at::empty({r.size(0), channels_out, pooled_height, pooled_width}, input.options());
-  if (out.numel() == 0) {
-    return out;
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "ps_roi_pool", [&] {
-    ps_roi_pool_cpu<scalar_t>(input, r, spatial_scale, pooled_height, pooled_width, out);
-  });
-  return out;
+  return run(single_map(input), rois, spatial_scale, pooled_height, pooled_width);
+}
+
+at::Tensor ps_roi_pool_ragged_forward_kernel(
+    at::TensorList features,
+    const at::Tensor& rois,
+    double spatial_scale,
+    int64_t pooled_height,
+    int64_t pooled_width) {
+  return run(ragged_maps(features), rois, spatial_scale, pooled_height, pooled_width);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(roi_kernels, CPU, m) {
   m.impl("ps_roi_pool", &ps_roi_pool_forward_kernel);
+  m.impl("ps_roi_pool_ragged", &ps_roi_pool_ragged_forward_kernel);
 }
 
 }  // namespace roi_kernels

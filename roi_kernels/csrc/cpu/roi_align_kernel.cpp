@@ -1,4 +1,5 @@
-// roi_align on the CPU: single map, ragged per-image maps, and FPN levels, avg and max pooling.
+// roi_align on the CPU: single map, ragged per-image maps, and FPN levels (stacked or per image),
+// avg and max pooling.
 //
 // Per box, the sample geometry is separable: the y taps of each bin row and the x taps of each
 // bin column (roi_math.h's for_each_axis_tap: sample_range / sample_coord / axis_tap) are
@@ -245,12 +246,30 @@ at::Tensor multiscale_roi_align_forward_kernel(
   return run(s, pooled_height, pooled_width, sampling_ratio, aligned, pool_mode);
 }
 
+at::Tensor multiscale_roi_align_ragged_forward_kernel(
+    at::TensorList features,
+    const at::Tensor& rois,
+    at::ArrayRef<double> spatial_scales,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t sampling_ratio,
+    bool aligned,
+    c10::string_view pool_mode,
+    int64_t canonical_scale,
+    int64_t canonical_level) {
+  const MapSet s = map_set_levels_ragged(
+      features, rois, spatial_scales, pooled_height, pooled_width, sampling_ratio, canonical_scale,
+      canonical_level);
+  return run(s, pooled_height, pooled_width, sampling_ratio, aligned, pool_mode);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(roi_kernels, CPU, m) {
   m.impl("roi_align", &roi_align_forward_kernel);
   m.impl("roi_align_ragged", &roi_align_ragged_forward_kernel);
   m.impl("multiscale_roi_align", &multiscale_roi_align_forward_kernel);
+  m.impl("multiscale_roi_align_ragged", &multiscale_roi_align_ragged_forward_kernel);
 }
 
 }  // namespace roi_kernels

@@ -1,4 +1,4 @@
-// roi_align_rotated on the CPU.
+// roi_align_rotated on the CPU, over one map or a ragged batch of per-image maps.
 //
 // Work is cut into (box, bin) items run with at::parallel_for. Every channel samples a bin at
 // the same points, so an item computes the bin's taps once, in chunks, and applies each chunk
@@ -16,7 +16,9 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../map_set.h"
 #include "../roi_math.h"
+#include "images.h"
 
 namespace roi_kernels {
 namespace {
@@ -44,7 +46,7 @@ void apply_chunk(
 
 template <typename scalar_t>
 void roi_align_rotated_cpu(
-    const at::Tensor& input,
+    const MapSet& s,
     const at::Tensor& rois,
     double spatial_scale,
     int64_t pooled_height,
@@ -53,13 +55,11 @@ void roi_align_rotated_cpu(
     bool aligned,
     at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t num_images = input.size(0);
-  const int64_t channels = input.size(1);
-  const int64_t height = input.size(2), width = input.size(3);
-  const int64_t sN = input.stride(0), sC = input.stride(1), sH = input.stride(2), sW = input.stride(3);
+  const std::vector<cpu::Image<scalar_t>> images = cpu::images_of<scalar_t>(s);
+  const int64_t num_images = s.num_images;
+  const int64_t channels = s.channels;
   const int64_t num_boxes = rois.size(0);
   const int64_t bins = pooled_height * pooled_width;
-  const scalar_t* in = input.const_data_ptr<scalar_t>();
   const acc_t* r = rois.const_data_ptr<acc_t>();
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
 
@@ -95,22 +95,51 @@ void roi_align_rotated_cpu(
         continue;
       }
       const math::RotatedGeometry<acc_t>& g = geometry[k];
-      const scalar_t* first_plane = in + image[k] * sN;
+      const cpu::Image<scalar_t>& img = images[image[k]];
       std::fill(sums.begin(), sums.end(), acc_t(0));
       taps.clear();
-      math::for_each_rotated_sample(g, ph, pw, height, width, sH, sW, [&](const math::BilinearTaps<acc_t>& t) {
-        taps.push_back(t);
-        if (taps.size() == kTapChunk) {
-          apply_chunk(taps, first_plane, sC, channels, sums.data());
-          taps.clear();
-        }
-      });
-      apply_chunk(taps, first_plane, sC, channels, sums.data());
+      math::for_each_rotated_sample(
+          g, ph, pw, img.height, img.width, img.stride_h, img.stride_w, [&](const math::BilinearTaps<acc_t>& t) {
+            taps.push_back(t);
+            if (taps.size() == kTapChunk) {
+              apply_chunk(taps, img.data, img.stride_c, channels, sums.data());
+              taps.clear();
+            }
+          });
+      apply_chunk(taps, img.data, img.stride_c, channels, sums.data());
       for (int64_t c = 0; c < channels; ++c) {
         dst[c * bins] = static_cast<scalar_t>(math::average(sums[c], g.count));
       }
     }
   });
+}
+
+at::Tensor run(
+    const MapSet& s,
+    const at::Tensor& rois,
+    double spatial_scale,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t sampling_ratio,
+    bool aligned) {
+  const at::Tensor& first = s.first();
+  checks::check_rois(rois, first, 6, "rois");
+  checks::check_output_size(pooled_height, pooled_width);
+  checks::check_scale(spatial_scale);
+  checks::check_sampling_ratio(sampling_ratio);
+  for (const at::Tensor& m : s.maps) {
+    TORCH_CHECK(m.device().is_cpu(), "the CPU roi_align_rotated got input on ", m.device());
+  }
+  checks::check_batch_index(rois, s.num_images, "rois");
+  const at::Tensor r = checks::rois_for_kernel(rois, first.scalar_type());
+  at::Tensor out = at::empty({r.size(0), s.channels, pooled_height, pooled_width}, first.options());
+  if (out.numel() == 0) {
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "roi_align_rotated", [&] {
+    roi_align_rotated_cpu<scalar_t>(s, r, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, out);
+  });
+  return out;
 }
 
 at::Tensor roi_align_rotated_forward_kernel(
@@ -121,29 +150,25 @@ at::Tensor roi_align_rotated_forward_kernel(
     int64_t pooled_width,
     int64_t sampling_ratio,
     bool aligned) {
-  checks::check_map(input, 4, "input");
-  checks::check_rois(rois, input, 6, "rois");
-  checks::check_output_size(pooled_height, pooled_width);
-  checks::check_scale(spatial_scale);
-  checks::check_sampling_ratio(sampling_ratio);
-  TORCH_CHECK(input.device().is_cpu(), "the CPU roi_align_rotated got input on ", input.device());
-  checks::check_batch_index(rois, input.size(0), "rois");
-  const at::Tensor r = checks::rois_for_kernel(rois, input.scalar_type());
-  at::Tensor out = at::empty({r.size(0), input.size(1), pooled_height, pooled_width}, input.options());
-  if (out.numel() == 0) {
-    return out;
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "roi_align_rotated", [&] {
-    roi_align_rotated_cpu<scalar_t>(
-        input, r, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, out);
-  });
-  return out;
+  return run(single_map(input), rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned);
+}
+
+at::Tensor roi_align_rotated_ragged_forward_kernel(
+    at::TensorList features,
+    const at::Tensor& rois,
+    double spatial_scale,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t sampling_ratio,
+    bool aligned) {
+  return run(ragged_maps(features), rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(roi_kernels, CPU, m) {
   m.impl("roi_align_rotated", &roi_align_rotated_forward_kernel);
+  m.impl("roi_align_rotated_ragged", &roi_align_rotated_ragged_forward_kernel);
 }
 
 }  // namespace roi_kernels

@@ -9,9 +9,13 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
+#include "../map_set.h"
 #include "device.cuh"
+#include "images.cuh"
 
 #if defined(__CUDACC__)
 #include <c10/cuda/CUDAGuard.h>
@@ -54,6 +58,34 @@ inline at::Tensor device_copy(const void* data, int64_t bytes, c10::Device devic
   std::memcpy(buffer.mutable_data_ptr(), data, bytes);
   return buffer;
 #endif
+}
+
+// The image descriptors of a ragged batch (s: kRagged, one [1, C, H_i, W_i] map per image) as
+// the one-map kernels take them, with a device copy when they do not fit inline.
+struct DeviceImages {
+  ImageTable table;
+  at::Tensor storage;  // keeps the device copy alive until the launch is queued
+};
+
+inline DeviceImages describe_images(const MapSet& s) {
+  DeviceImages d;
+  std::memset(&d.table, 0, sizeof(d.table));
+  std::vector<ImageDesc> descs;
+  descs.reserve(s.maps.size());
+  for (const at::Tensor& m : s.maps) {
+    descs.push_back(ImageDesc{m.const_data_ptr(), m.size(2), m.size(3), m.stride(1), m.stride(2), m.stride(3)});
+  }
+  const int64_t n = static_cast<int64_t>(descs.size());
+  d.table.num_images = n;
+  d.table.channels = s.channels;
+  if (n <= kInlineImages) {
+    std::copy(descs.begin(), descs.end(), d.table.inline_images);
+    d.table.global = nullptr;
+  } else {
+    d.storage = device_copy(descs.data(), n * static_cast<int64_t>(sizeof(ImageDesc)), s.first().device());
+    d.table.global = static_cast<const ImageDesc*>(d.storage.const_data_ptr());
+  }
+  return d;
 }
 
 }  // namespace cuda

@@ -1,4 +1,5 @@
-// ps_roi_align (R-FCN) on CUDA: one thread per output element in a 64-bit grid-stride loop.
+// ps_roi_align (R-FCN) on CUDA: one thread per output element in a 64-bit grid-stride loop, over
+// one map or a ragged batch of per-image maps (images.cuh).
 //
 // Each thread redoes its box's geometry (a handful of flops) rather than staging it: every
 // output of a ps bin reads a different input channel, so there is little to share. The input
@@ -17,16 +18,18 @@
 
 #include "../roi_math.h"
 #include "device.cuh"
+#include "images.cuh"
 
 namespace roi_kernels {
 namespace cuda {
 namespace ps_align {
 
-template <typename scalar_t, typename acc_t>
+// Images: MapView (one map at `input`) or ImageTable (a ragged batch; `input` unused).
+template <typename scalar_t, typename acc_t, typename Images>
 __global__ void ps_roi_align_kernel(
     int64_t total,
     const scalar_t* __restrict__ input,
-    MapView map,
+    const __grid_constant__ Images images,
     const acc_t* __restrict__ rois,
     acc_t spatial_scale,
     int64_t pooled_height,
@@ -40,19 +43,19 @@ __global__ void ps_roi_align_kernel(
     const int64_t c = (index / (pooled_width * pooled_height)) % channels_out;
     const int64_t k = index / (pooled_width * pooled_height * channels_out);
     const acc_t* b = rois + k * 5;
-    int64_t n = 0;
-    if (!math::batch_index(b[0], map.num_images, n)) {
+    Image<scalar_t> img;
+    if (!box_image(input, images, b[0], img)) {
       out[index] = scalar_t(0);  // checked on the host; guarded here all the same
       continue;
     }
     const math::AlignGeometry<acc_t> g = math::ps_align_geometry<acc_t>(
         b[1], b[2], b[3], b[4], spatial_scale, pooled_height, pooled_width, sampling_ratio);
     const scalar_t* plane =
-        input + n * map.stride_n + math::ps_input_channel(c, ph, pw, pooled_height, pooled_width) * map.stride_c;
-    const int64_t sH = map.stride_h, sW = map.stride_w;
+        img.data + math::ps_input_channel(c, ph, pw, pooled_height, pooled_width) * img.stride_c;
+    const int64_t sH = img.stride_h, sW = img.stride_w;
     acc_t sum = 0;
     math::for_each_bin_sample(
-        g, ph, pw, map.height, map.width, [&](const math::AxisTap<acc_t>& ty, const math::AxisTap<acc_t>& tx) {
+        g, ph, pw, img.height, img.width, [&](const math::AxisTap<acc_t>& ty, const math::AxisTap<acc_t>& tx) {
           sum += math::apply_taps<acc_t>(plane, math::bilinear_taps(ty, tx, sH, sW));
         });
     out[index] = static_cast<scalar_t>(math::average(sum, g.count));
@@ -60,11 +63,11 @@ __global__ void ps_roi_align_kernel(
 }
 
 // One thread per output element: blocks_for(total) blocks of kThreads, grid-stride.
-template <typename scalar_t>
+template <typename scalar_t, typename Images>
 void launch_ps_roi_align(
     int64_t total,
     const scalar_t* __restrict__ input,
-    MapView map,
+    const Images& images,
     const at::opmath_type<scalar_t>* __restrict__ rois,
     at::opmath_type<scalar_t> spatial_scale,
     int64_t pooled_height,
@@ -77,7 +80,7 @@ void launch_ps_roi_align(
     return;
   }
   cuda::launch(
-      &ps_roi_align_kernel<scalar_t, acc_t>, dim3(blocks_for(total)), dim3(kThreads), total, input, map,
+      &ps_roi_align_kernel<scalar_t, acc_t, Images>, dim3(blocks_for(total)), dim3(kThreads), total, input, images,
       rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, channels_out, out);
 }
 

@@ -126,12 +126,30 @@ at::Tensor multiscale_roi_align_forward_kernel(
   return run(s, pooled_height, pooled_width, sampling_ratio, aligned, pool_mode);
 }
 
+at::Tensor multiscale_roi_align_ragged_forward_kernel(
+    at::TensorList features,
+    const at::Tensor& rois,
+    at::ArrayRef<double> spatial_scales,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t sampling_ratio,
+    bool aligned,
+    c10::string_view pool_mode,
+    int64_t canonical_scale,
+    int64_t canonical_level) {
+  const MapSet s = map_set_levels_ragged(
+      features, rois, spatial_scales, pooled_height, pooled_width, sampling_ratio, canonical_scale,
+      canonical_level);
+  return run(s, pooled_height, pooled_width, sampling_ratio, aligned, pool_mode);
+}
+
 }  // namespace
 
 ROI_KERNELS_CUDA_LIBRARY_IMPL(m) {
   m.impl("roi_align", &roi_align_forward_kernel);
   m.impl("roi_align_ragged", &roi_align_ragged_forward_kernel);
   m.impl("multiscale_roi_align", &multiscale_roi_align_forward_kernel);
+  m.impl("multiscale_roi_align_ragged", &multiscale_roi_align_ragged_forward_kernel);
 }
 
 }  // namespace roi_kernels

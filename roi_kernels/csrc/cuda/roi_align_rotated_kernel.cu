@@ -1,17 +1,68 @@
-// roi_align_rotated on CUDA, the host side: argument checks (checks.h, as on the CPU) and the launch (the
-// kernel and its launch arithmetic: roi_align_rotated_kernel.cuh). Compiled by nvcc for the GPU and by the
-// host compiler into the cuda-emulated test build (host.h, device.cuh).
+// roi_align_rotated on CUDA, the host side: argument checks (checks.h, map_set.h, as on the CPU)
+// and the launch (the kernel and its launch arithmetic: roi_align_rotated_kernel.cuh), over one
+// map or a ragged batch of per-image maps. Compiled by nvcc for the GPU and by the host compiler
+// into the cuda-emulated test build (host.h, device.cuh).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "../map_set.h"
 #include "host.h"
 #include "roi_align_rotated_kernel.cuh"
 
 namespace roi_kernels {
 namespace {
+
+at::Tensor run(
+    const MapSet& s,
+    const at::Tensor& rois,
+    double spatial_scale,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t sampling_ratio,
+    bool aligned) {
+  const at::Tensor& first = s.first();
+  checks::check_rois(rois, first, 6, "rois");
+  checks::check_output_size(pooled_height, pooled_width);
+  checks::check_scale(spatial_scale);
+  checks::check_sampling_ratio(sampling_ratio);
+  for (const at::Tensor& m : s.maps) {
+    TORCH_CHECK(cuda::on_device(m), "the ", cuda::kDeviceName, " roi_align_rotated got input on ", m.device());
+  }
+  cuda::DeviceGuard guard(first.device());
+  checks::check_batch_index(rois, s.num_images, "rois");
+  const at::Tensor r = checks::rois_for_kernel(rois, first.scalar_type());
+  at::Tensor out = at::empty({r.size(0), s.channels, pooled_height, pooled_width}, first.options());
+  const int64_t total = out.numel();
+  if (total == 0) {
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "roi_align_rotated", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto go = [&](const scalar_t* input, const auto& images) {
+      cuda::rotated::launch_roi_align_rotated<scalar_t>(
+          total,
+          input,
+          images,
+          r.const_data_ptr<acc_t>(),
+          static_cast<acc_t>(spatial_scale),
+          pooled_height,
+          pooled_width,
+          sampling_ratio,
+          aligned,
+          out.mutable_data_ptr<scalar_t>());
+    };
+    if (s.select == MapSelect::kSingle) {
+      go(first.const_data_ptr<scalar_t>(), cuda::map_view(first));
+    } else {
+      const cuda::DeviceImages images = cuda::describe_images(s);
+      go(nullptr, images.table);
+    }
+  });
+  return out;
+}
 
 at::Tensor roi_align_rotated_forward_kernel(
     const at::Tensor& input,
@@ -21,42 +72,25 @@ at::Tensor roi_align_rotated_forward_kernel(
     int64_t pooled_width,
     int64_t sampling_ratio,
     bool aligned) {
-  checks::check_map(input, 4, "input");
-  checks::check_rois(rois, input, 6, "rois");
-  checks::check_output_size(pooled_height, pooled_width);
-  checks::check_scale(spatial_scale);
-  checks::check_sampling_ratio(sampling_ratio);
-  TORCH_CHECK(cuda::on_device(input), "the ", cuda::kDeviceName, " roi_align_rotated got input on ", input.device());
-  cuda::DeviceGuard guard(input.device());
-  checks::check_batch_index(rois, input.size(0), "rois");
-  const at::Tensor r = checks::rois_for_kernel(rois, input.scalar_type());
-  at::Tensor out = at::empty({r.size(0), input.size(1), pooled_height, pooled_width}, input.options());
-  const int64_t total = out.numel();
-  if (total == 0) {
-    return out;
-  }
-  const cuda::MapView map = cuda::map_view(input);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "roi_align_rotated", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    cuda::rotated::launch_roi_align_rotated<scalar_t>(
-        total,
-        input.const_data_ptr<scalar_t>(),
-        map,
-        r.const_data_ptr<acc_t>(),
-        static_cast<acc_t>(spatial_scale),
-        pooled_height,
-        pooled_width,
-        sampling_ratio,
-        aligned,
-        out.mutable_data_ptr<scalar_t>());
-  });
-  return out;
+  return run(single_map(input), rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned);
+}
+
+at::Tensor roi_align_rotated_ragged_forward_kernel(
+    at::TensorList features,
+    const at::Tensor& rois,
+    double spatial_scale,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t sampling_ratio,
+    bool aligned) {
+  return run(ragged_maps(features), rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned);
 }
 
 }  // namespace
 
 ROI_KERNELS_CUDA_LIBRARY_IMPL(m) {
   m.impl("roi_align_rotated", &roi_align_rotated_forward_kernel);
+  m.impl("roi_align_rotated_ragged", &roi_align_rotated_ragged_forward_kernel);
 }
 
 }  // namespace roi_kernels

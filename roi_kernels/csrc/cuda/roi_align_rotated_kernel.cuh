@@ -1,4 +1,5 @@
-// roi_align_rotated on CUDA: one thread per output element in a 64-bit grid-stride loop.
+// roi_align_rotated on CUDA: one thread per output element in a 64-bit grid-stride loop, over one
+// map or a ragged batch of per-image maps (images.cuh).
 //
 // Each thread visits only the samples of its bin that math::rotated_scan says can land on the
 // map (the bound on the work of huge boxes, see roi_math.h), in row-then-column order, with
@@ -15,16 +16,18 @@
 
 #include "../roi_math.h"
 #include "device.cuh"
+#include "images.cuh"
 
 namespace roi_kernels {
 namespace cuda {
 namespace rotated {
 
-template <typename scalar_t, typename acc_t>
+// Images: MapView (one map at `input`) or ImageTable (a ragged batch; `input` unused).
+template <typename scalar_t, typename acc_t, typename Images>
 __global__ void roi_align_rotated_kernel(
     int64_t total,
     const scalar_t* __restrict__ input,
-    MapView map,
+    const __grid_constant__ Images images,
     const acc_t* __restrict__ rois,
     acc_t spatial_scale,
     int64_t pooled_height,
@@ -35,20 +38,20 @@ __global__ void roi_align_rotated_kernel(
   ROI_CUDA_KERNEL_LOOP(index, total) {
     const int64_t pw = index % pooled_width;
     const int64_t ph = (index / pooled_width) % pooled_height;
-    const int64_t c = (index / (pooled_width * pooled_height)) % map.channels;
-    const int64_t k = index / (pooled_width * pooled_height * map.channels);
+    const int64_t c = (index / (pooled_width * pooled_height)) % images.channels;
+    const int64_t k = index / (pooled_width * pooled_height * images.channels);
     const acc_t* b = rois + k * 6;
-    int64_t n = 0;
-    if (!math::batch_index(b[0], map.num_images, n)) {
+    Image<scalar_t> img;
+    if (!box_image(input, images, b[0], img)) {
       out[index] = scalar_t(0);  // checked on the host; guarded here all the same
       continue;
     }
     const math::RotatedGeometry<acc_t> g = math::rotated_geometry<acc_t>(
         b[1], b[2], b[3], b[4], b[5], spatial_scale, aligned, pooled_height, pooled_width, sampling_ratio);
-    const scalar_t* plane = input + n * map.stride_n + c * map.stride_c;
+    const scalar_t* plane = img.data + c * img.stride_c;
     acc_t sum = 0;
     math::for_each_rotated_sample(
-        g, ph, pw, map.height, map.width, map.stride_h, map.stride_w, [&](const math::BilinearTaps<acc_t>& t) {
+        g, ph, pw, img.height, img.width, img.stride_h, img.stride_w, [&](const math::BilinearTaps<acc_t>& t) {
           sum += math::apply_taps<acc_t>(plane, t);
         });
     out[index] = static_cast<scalar_t>(math::average(sum, g.count));
@@ -56,11 +59,11 @@ __global__ void roi_align_rotated_kernel(
 }
 
 // One thread per output element: blocks_for(total) blocks of kThreads, grid-stride.
-template <typename scalar_t>
+template <typename scalar_t, typename Images>
 void launch_roi_align_rotated(
     int64_t total,
     const scalar_t* __restrict__ input,
-    MapView map,
+    const Images& images,
     const at::opmath_type<scalar_t>* __restrict__ rois,
     at::opmath_type<scalar_t> spatial_scale,
     int64_t pooled_height,
@@ -73,8 +76,8 @@ void launch_roi_align_rotated(
     return;
   }
   cuda::launch(
-      &roi_align_rotated_kernel<scalar_t, acc_t>, dim3(blocks_for(total)), dim3(kThreads), total, input,
-      map, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, out);
+      &roi_align_rotated_kernel<scalar_t, acc_t, Images>, dim3(blocks_for(total)), dim3(kThreads), total, input,
+      images, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, out);
 }
 
 }  // namespace rotated

@@ -15,8 +15,9 @@
 //  * The max runs in the accumulation type with roi_math.h's pool_max_init / max_update, as
 //    on the CPU (from -FLT_MAX, keeping a cell only if it is greater, as torchvision does, so
 //    NaN cells never win); an empty bin (pool_bin_empty) is 0.
-//  * The map is read in place with its strides; offsets are 64-bit; jobs run in a grid-stride
-//    loop.
+//  * One map [N, C, H, W] or a ragged batch of per-image maps [C, H_i, W_i] (images.cuh): thread
+//    0 resolves the box's image (pointer, sizes, strides) into the plan. Maps are read in place
+//    with their strides; offsets are 64-bit; jobs run in a grid-stride loop.
 //
 // This header is compiled unchanged by nvcc (roi_pool_kernel.cu) and by the host compiler
 // against the CPU executor (the cuda-emulated test build, tests/emulated/); see device.cuh.
@@ -29,6 +30,7 @@
 #include "../roi_math.h"
 #include "box_jobs.cuh"
 #include "device.cuh"
+#include "images.cuh"
 
 namespace roi_kernels {
 namespace cuda {
@@ -39,17 +41,17 @@ constexpr int64_t kBinCapacity = 256;
 
 template <typename scalar_t>
 struct PoolPlan {
-  const scalar_t* base;  // the box's image
+  Image<scalar_t> image;  // the box's image
   math::PoolBox box;
-  bool valid;    // false: no valid image (the box pools to zeros)
-  bool tabled;   // the bin cell ranges are in the shared tables
+  bool valid;  // false: no valid image (the box pools to zeros)
 };
 
 // The max over rows [hs, he) and columns [ws, we) of a plane; 0 for an empty bin.
 template <typename acc_t, typename scalar_t>
 __device__ __forceinline__ acc_t bin_max(
     const scalar_t* plane,
-    const MapView& m,
+    int64_t stride_h,
+    int64_t stride_w,
     int64_t hs,
     int64_t he,
     int64_t ws,
@@ -59,18 +61,19 @@ __device__ __forceinline__ acc_t bin_max(
   }
   acc_t v = math::pool_max_init<acc_t>();
   for (int64_t y = hs; y < he; ++y) {
-    const scalar_t* row = plane + y * m.stride_h;
+    const scalar_t* row = plane + y * stride_h;
     for (int64_t x = ws; x < we; ++x) {
-      v = math::max_update(v, static_cast<acc_t>(row[x * m.stride_w]));
+      v = math::max_update(v, static_cast<acc_t>(row[x * stride_w]));
     }
   }
   return v;
 }
 
-template <typename scalar_t, bool kChannelsLast>
+// Images: MapView (one map at `input`) or ImageTable (a ragged batch; `input` unused).
+template <typename scalar_t, bool kChannelsLast, typename Images>
 __global__ void __launch_bounds__(cuda::kThreads) roi_pool_kernel(
     const scalar_t* __restrict__ input,
-    const MapView m,
+    const __grid_constant__ Images images,
     const at::opmath_type<scalar_t>* __restrict__ rois,
     int64_t num_boxes,
     int64_t channels,
@@ -100,13 +103,9 @@ __global__ void __launch_bounds__(cuda::kThreads) roi_pool_kernel(
     __syncthreads();  // the previous job is done with the shared plan and tables
     if (threadIdx.x == 0) {
       const acc_t* r = rois + k * 5;
-      int64_t image = 0;
-      // The host has range-checked the indices; this guard only keeps bad input from
-      // reading out of bounds (the box then pools to zeros).
-      plan.valid = math::batch_index(r[0], m.num_images, image);
+      plan.valid = box_image(input, images, r[0], plan.image);
       plan.box = math::roi_pool_box<acc_t>(r[1], r[2], r[3], r[4], static_cast<acc_t>(spatial_scale));
       plan.valid = plan.valid && plan.box.ok;
-      plan.base = input + image * m.stride_n;
     }
     __syncthreads();
     if (!plan.valid) {
@@ -116,18 +115,19 @@ __global__ void __launch_bounds__(cuda::kThreads) roi_pool_kernel(
       continue;
     }
     const math::PoolBox box = plan.box;
+    const Image<scalar_t> img = plan.image;
     if (tabled) {
       for (int64_t t = threadIdx.x; t < pooled_height + pooled_width; t += blockDim.x) {
         if (t < pooled_height) {
-          math::roi_pool_bin<acc_t>(box.start_y, box.roi_h, pooled_height, t, m.height, row_start[t], row_end[t]);
+          math::roi_pool_bin<acc_t>(box.start_y, box.roi_h, pooled_height, t, img.height, row_start[t], row_end[t]);
         } else {
           const int64_t p = t - pooled_height;
-          math::roi_pool_bin<acc_t>(box.start_x, box.roi_w, pooled_width, p, m.width, col_start[p], col_end[p]);
+          math::roi_pool_bin<acc_t>(box.start_x, box.roi_w, pooled_width, p, img.width, col_start[p], col_end[p]);
         }
       }
       __syncthreads();
     }
-    const scalar_t* base = plan.base + c0 * m.stride_c;
+    const scalar_t* base = img.data + c0 * img.stride_c;
 
     // Value of bin (ph, pw) of the plane.
     auto bin_value = [&](const scalar_t* plane, int64_t ph, int64_t pw) -> acc_t {
@@ -138,10 +138,10 @@ __global__ void __launch_bounds__(cuda::kThreads) roi_pool_kernel(
         ws = col_start[pw];
         we = col_end[pw];
       } else {
-        math::roi_pool_bin<acc_t>(box.start_y, box.roi_h, pooled_height, ph, m.height, hs, he);
-        math::roi_pool_bin<acc_t>(box.start_x, box.roi_w, pooled_width, pw, m.width, ws, we);
+        math::roi_pool_bin<acc_t>(box.start_y, box.roi_h, pooled_height, ph, img.height, hs, he);
+        math::roi_pool_bin<acc_t>(box.start_x, box.roi_w, pooled_width, pw, img.width, ws, we);
       }
-      return bin_max<acc_t>(plane, m, hs, he, ws, we);
+      return bin_max<acc_t>(plane, img.stride_h, img.stride_w, hs, he, ws, we);
     };
 
     if (!kChannelsLast) {
@@ -149,13 +149,13 @@ __global__ void __launch_bounds__(cuda::kThreads) roi_pool_kernel(
         int64_t c = 0, bin = 0, ph = 0, pw = 0;
         split(t, bins, c, bin);
         split(bin, pooled_width, ph, pw);
-        o[t] = static_cast<scalar_t>(bin_value(base + c * m.stride_c, ph, pw));
+        o[t] = static_cast<scalar_t>(bin_value(base + c * img.stride_c, ph, pw));
       }
     } else {
       const int lane = threadIdx.x % kLanes;
       const int warp = threadIdx.x / kLanes;
       const int warps = blockDim.x / kLanes;
-      const scalar_t* plane = base + lane * m.stride_c;
+      const scalar_t* plane = base + lane * img.stride_c;
       for (int64_t b0 = 0; b0 < bins; b0 += kTileBins) {
         const int64_t bn = math::min_of(kTileBins, bins - b0);
         if (lane < cn) {
@@ -173,10 +173,10 @@ __global__ void __launch_bounds__(cuda::kThreads) roi_pool_kernel(
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename Images>
 void launch_roi_pool(
     const scalar_t* input,
-    const MapView& m,
+    const Images& images,
     const at::opmath_type<scalar_t>* rois,
     int64_t num_boxes,
     int64_t channels,
@@ -191,10 +191,10 @@ void launch_roi_pool(
   const LaunchShape s = launch_shape(num_boxes, channels, pooled_height * pooled_width, channels_last);
   auto go = [&](auto kernel) {
     cuda::launch(
-        kernel, dim3(static_cast<unsigned int>(s.blocks)), dim3(kThreads), input, m, rois, num_boxes, channels,
+        kernel, dim3(static_cast<unsigned int>(s.blocks)), dim3(kThreads), input, images, rois, num_boxes, channels,
         spatial_scale, pooled_height, pooled_width, s.chunk_channels, s.chunks, out);
   };
-  channels_last ? go(&roi_pool_kernel<scalar_t, true>) : go(&roi_pool_kernel<scalar_t, false>);
+  channels_last ? go(&roi_pool_kernel<scalar_t, true, Images>) : go(&roi_pool_kernel<scalar_t, false, Images>);
 }
 
 }  // namespace pool
