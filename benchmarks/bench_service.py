@@ -11,8 +11,11 @@ For each workload, wire dtype and concurrency:
       tester's engine (one asyncio client in this process);
   (c) the same server with batching off (--max-batch-requests 1);
   (d) the wire floor: the request's and the response's bytes through a plain loopback TCP socket
-      to another process (benchmarks/wire_floor.py).
-Each service figure is the median over --repeat measured windows, the two servers taking turns
+      to another process (benchmarks/wire_floor.py);
+  (e) the contender: a plain server (benchmarks/plain_server.py), what a user would write
+      instead of this project: generated stubs, protobuf parsing, torchvision's op, one request
+      at a time. (--no-plain leaves it out.)
+Each service figure is the median over --repeat measured windows, the servers taking turns
 window by window so that drifts of a shared machine hit both alike. Prints a Markdown table
 and the ratios; --json writes every figure.
 
@@ -61,10 +64,14 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def start_server(extra: list[str], threads: int, timeout: float = 180.0) -> tuple[subprocess.Popen, str]:
-    """Starts ``roi-server`` on a free port and waits for its ``listening on`` line."""
-    cmd = [sys.executable, "-m", "roi_server.main", "--port", "0", "--metrics-port", "-1", "--device", "cpu",
-           "--host", "127.0.0.1", "--threads", str(threads), *extra]
+def start_server(extra: list[str], threads: int, timeout: float = 180.0, plain: bool = False) -> tuple[subprocess.Popen, str]:
+    """Starts ``roi-server`` (or with ``plain`` the contender) on a free port and waits for its
+    ``listening on`` line."""
+    if plain:
+        cmd = [sys.executable, str(Path(__file__).with_name("plain_server.py")), "--port", "0", "--threads", str(threads)]
+    else:
+        cmd = [sys.executable, "-m", "roi_server.main", "--port", "0", "--metrics-port", "-1", "--device", "cpu",
+               "--host", "127.0.0.1", "--threads", str(threads), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     deadline = time.monotonic() + timeout
     seen = []
@@ -168,6 +175,7 @@ def main() -> None:
     p.add_argument("--server-args", default="", help="extra flags for both servers, e.g. '--max-wait-ms 1'")
     p.add_argument("--quick", action="store_true", help="1 s windows, 3 repeats (for a smoke run, not for figures)")
     p.add_argument("--json", help="write every figure here")
+    p.add_argument("--no-plain", action="store_true", help="leave the plain-server contender out")
     p.add_argument("--malloc", choices=("reuse", "default"), default="reuse",
                    help="this client's and both servers' glibc malloc (roi_client.reuse_freed_memory); "
                         "'default' measures a client that leaves it alone")
@@ -191,6 +199,8 @@ def main() -> None:
           f"after {args.warmup:g} s warm-up, median of {args.repeat}; malloc {args.malloc}")
     servers = {"batching": start_server(extra, args.threads),
                "no batching": start_server([*extra, "--max-batch-requests", "1"], args.threads)}
+    if not args.no_plain:
+        servers["plain"] = start_server([], args.threads, plain=True)
     targets = {name: t for name, (_, t) in servers.items()}
     plan = runner.Plan(warmup_s=args.warmup, duration_s=args.duration)
     rows = []
@@ -208,7 +218,9 @@ def main() -> None:
                         wire_ms = wire.median_ms(int(sent), int(received), repeat=max(args.repeat, 5))
                         row = {"workload": name, "dtype": dtype, "concurrency": c, "kernel_ms": kernel_ms,
                                "wire_ms": wire_ms, "request_bytes": sent, "response_bytes": received}
-                        for srv, key in (("batching", "b"), ("no batching", "nb")):
+                        for srv, key in (("batching", "b"), ("no batching", "nb"), ("plain", "pl")):
+                            if srv not in runs:
+                                continue
                             r = runs[srv]
                             row[f"{key}_rps"] = median_of(r, "throughput_rps")
                             row[f"{key}_p50"] = median_of(r, "latency_ms", "p50")
@@ -219,6 +231,7 @@ def main() -> None:
                             row[f"{key}_errors"] = sum(x["error_count"] for x in r)
                         row["runs"] = runs
                         row["batch_gain"] = row["b_rps"] / row["nb_rps"]
+                        row["vs_plain"] = row["b_rps"] / row["pl_rps"] if "pl_rps" in row else float("nan")
                         row["vs_in_process"] = row["b_rps"] * kernel_ms / 1e3
                         # The service's time per request (1 / throughput) over what moving the bytes
                         # and running the kernel cost at the least.
@@ -242,7 +255,8 @@ def print_row(r: dict) -> None:
           f"wire {r['wire_ms']:7.3f} ms | batching {r['b_rps']:8.1f}/s p50 {r['b_p50']:8.2f} p99 {r['b_p99']:8.2f} "
           f"(batch {r['b_batch']:.1f}) | off {r['nb_rps']:8.1f}/s p50 {r['nb_p50']:8.2f} p99 {r['nb_p99']:8.2f} | "
           f"x{r['batch_gain']:.2f}, {100 * r['vs_in_process']:.0f}% of in-process, "
-          f"{r['over_floor']:.2f}x floor", flush=True)
+          f"{r['over_floor']:.2f}x floor | plain {r.get('pl_rps', float('nan')):8.1f}/s p50 "
+          f"{r.get('pl_p50', float('nan')):8.2f}, ours x{r['vs_plain']:.2f}", flush=True)
 
 
 def markdown(rows: list[dict], hardware: str, args) -> str:
@@ -250,15 +264,18 @@ def markdown(rows: list[dict], hardware: str, args) -> str:
         f"Hardware: {hardware}; torch threads {args.threads}; servers and client on the same host.",
         "",
         "| workload | dtype | conc | in-process ms | wire floor ms | batching req/s | p50 ms | p99 ms | batch | "
-        "no batching req/s | p50 ms | p99 ms | batching gain | service / in-process | per request / (kernel + wire) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "no batching req/s | p50 ms | p99 ms | batching gain | service / in-process | per request / (kernel + wire) | "
+        "plain server req/s | p50 ms | ours / plain |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: |",
     ]
     for r in rows:
         lines.append(
             f"| {r['workload']} | {r['dtype']} | {r['concurrency']} | {r['kernel_ms']:.3f} | {r['wire_ms']:.3f} | "
             f"{r['b_rps']:.1f} | {r['b_p50']:.2f} | {r['b_p99']:.2f} | {r['b_batch']:.1f} | "
             f"{r['nb_rps']:.1f} | {r['nb_p50']:.2f} | {r['nb_p99']:.2f} | {r['batch_gain']:.2f}x | "
-            f"{100 * r['vs_in_process']:.0f}% | {r['over_floor']:.2f}x |"
+            f"{100 * r['vs_in_process']:.0f}% | {r['over_floor']:.2f}x | {r.get('pl_rps', float('nan')):.1f} | "
+            f"{r.get('pl_p50', float('nan')):.2f} | {r['vs_plain']:.2f}x |"
         )
     return "\n".join(lines)
 
