@@ -11,13 +11,10 @@ if TYPE_CHECKING:
 def batch_key(r: DecodedRequest) -> tuple:
     """Requests with equal keys can run in one kernel launch.
 
-    roi_align pools any mix of map sizes in one launch (its ragged form), so its key leaves
-    the spatial size out; the other ops concatenate maps along N, which needs equal sizes.
+    Every op has a ragged form that pools per-image maps of any sizes in one launch, so no key
+    holds the maps' spatial sizes; an FPN batch needs the same levels (scales) throughout.
     """
     common = (r.op, r.dtype, r.channels, r.pooled_height, r.pooled_width, r.sampling_ratio, r.aligned, r.pool_mode)
-    if r.op == "roi_align":
-        return (*common, r.spatial_scale)
     if r.op == "multiscale_roi_align":
-        shapes = tuple(tuple(t.shape[2:]) for t in r.maps)
-        return (*common, r.scales, shapes, r.canonical_scale, r.canonical_level)
-    return (*common, r.spatial_scale, tuple(r.maps[0].shape[2:]))
+        return (*common, r.scales, r.canonical_scale, r.canonical_level)
+    return (*common, r.spatial_scale)

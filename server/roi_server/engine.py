@@ -120,35 +120,35 @@ def call_op(reqs: Sequence[DecodedRequest], maps: Sequence[Sequence[torch.Tensor
 
     ``maps[i]`` are request i's maps and ``rois`` the offset rois, on the device. A single
     request is passed exactly as ``roi_kernels`` would pass it, so that the service's result
-    is the in-process one; several are joined along the image dimension.
+    is the in-process one; several go to the op's ragged form as per-image views of their
+    maps: one launch for maps of any sizes, with no copy to join them.
     """
     ops = torch.ops.roi_kernels
     r = reqs[0]
     ph, pw = r.pooled_height, r.pooled_width
-    if r.op == "roi_align":
-        if len(reqs) == 1 and r.layout == "dense":
-            return ops.roi_align(maps[0][0], rois, r.spatial_scale, ph, pw, r.sampling_ratio, r.aligned, r.pool_mode)
-        # The ragged form takes per-image views: a batch of any map sizes in one launch, with
-        # no copy to join them.
-        images: list[torch.Tensor] = []
-        for req, m in zip(reqs, maps):
-            images.extend(m[0].unbind(0) if req.layout == "dense" else m)
-        return ops.roi_align_ragged(images, rois, r.spatial_scale, ph, pw, r.sampling_ratio, r.aligned, r.pool_mode)
+    single = len(reqs) == 1
     if r.op == "multiscale_roi_align":
-        levels = [m[0] for m in zip(*maps)] if len(reqs) == 1 else [torch.cat(level, dim=0) for level in zip(*maps)]
-        return ops.multiscale_roi_align(
-            levels, rois, list(r.scales), ph, pw, r.sampling_ratio, r.aligned, r.pool_mode, r.canonical_scale, r.canonical_level
-        )
-    x = maps[0][0] if len(reqs) == 1 else torch.cat([m[0] for m in maps], dim=0)
-    if r.op == "roi_pool":
-        return ops.roi_pool(x, rois, r.spatial_scale, ph, pw)
-    if r.op == "ps_roi_align":
-        return ops.ps_roi_align(x, rois, r.spatial_scale, ph, pw, r.sampling_ratio)
-    if r.op == "ps_roi_pool":
-        return ops.ps_roi_pool(x, rois, r.spatial_scale, ph, pw)
-    if r.op == "roi_align_rotated":
-        return ops.roi_align_rotated(x, rois, r.spatial_scale, ph, pw, r.sampling_ratio, r.aligned)
-    raise ValueError(f"unknown op {r.op}")
+        tail = (ph, pw, r.sampling_ratio, r.aligned, r.pool_mode, r.canonical_scale, r.canonical_level)
+        if single:
+            return ops.multiscale_roi_align(list(maps[0]), rois, list(r.scales), *tail)
+        # Level-major: every image of level 0, then of level 1, ...
+        images = [image for level in zip(*maps) for m in level for image in m.unbind(0)]
+        return ops.multiscale_roi_align_ragged(images, rois, list(r.scales), *tail)
+    args = {
+        "roi_align": (r.spatial_scale, ph, pw, r.sampling_ratio, r.aligned, r.pool_mode),
+        "roi_pool": (r.spatial_scale, ph, pw),
+        "ps_roi_align": (r.spatial_scale, ph, pw, r.sampling_ratio),
+        "ps_roi_pool": (r.spatial_scale, ph, pw),
+        "roi_align_rotated": (r.spatial_scale, ph, pw, r.sampling_ratio, r.aligned),
+    }.get(r.op)
+    if args is None:
+        raise ValueError(f"unknown op {r.op}")
+    if single and r.layout == "dense":
+        return getattr(ops, r.op)(maps[0][0], rois, *args)
+    # A dense request's images are views of its map [N, C, H, W]; a ragged one's (roi_align
+    # only) are its maps.
+    images = [image for req, m in zip(reqs, maps) for image in (m[0].unbind(0) if req.layout == "dense" else m)]
+    return getattr(ops, r.op + "_ragged")(images, rois, *args)
 
 
 def split_output(out: torch.Tensor, reqs: Sequence[DecodedRequest]) -> list[torch.Tensor]:
