@@ -131,7 +131,9 @@ def queued_behind_blocker(srv, gen, inj: Injector, names: list[str]) -> Iterator
 
 @pytest.fixture(scope="module")
 def server():
-    with in_process_server() as srv:
+    # The hooks stand for slow kernels: those run on the worker thread, never on the event
+    # loop, which is where the server's small CPU batches would otherwise go.
+    with in_process_server(inline_max_samples=0) as srv:
         yield srv
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Union
 
 from google.protobuf import descriptor as _descriptor
 from google.protobuf.message import Message
@@ -43,6 +43,8 @@ from google.protobuf.message import Message
 from ._proto.roi.v1 import roi_pb2
 
 M = TypeVar("M", bound=Message)
+# What the walker reads: the received bytes, or a byte view of another buffer.
+Buffer = Union[bytes, memoryview]
 
 # Payloads start on this offset in a message we write (a cache line: any dtype, any vector
 # load). A reader of another encoder's message gets what that encoder wrote.
@@ -111,7 +113,7 @@ SCHEMA = _schema()
 # -- the walker ---------------------------------------------------------------------------------
 
 
-def _varint(buf: memoryview, pos: int, end: int, limit: int = 10) -> tuple[int, int]:
+def _varint(buf: Buffer, pos: int, end: int, limit: int = 10) -> tuple[int, int]:
     value = shift = 0
     start = pos
     while pos < end:
@@ -144,7 +146,7 @@ class _Data:
     length: int
 
 
-def _walk(buf: memoryview, pos: int, end: int, type_name: str) -> list:
+def _walk(buf: Buffer, pos: int, end: int, type_name: str) -> list:
     """The fields of one message in ``buf[pos:end]`` as pieces: ``(start, stop)`` ranges to
     copy as they are, :class:`_Nested` and :class:`_Data`."""
     children = SCHEMA[type_name]
@@ -153,7 +155,11 @@ def _walk(buf: memoryview, pos: int, end: int, type_name: str) -> list:
     run = pos  # start of the current run of fields copied as they are
     while pos < end:
         key_start = pos
-        key, pos = _varint(buf, pos, end, limit=5)
+        key = buf[pos]  # one byte in the common case, read here; longer ones by _varint
+        if key < 0x80:
+            pos += 1
+        else:
+            key, pos = _varint(buf, pos, end, limit=5)
         key_end = pos
         number, wire_type = key >> 3, key & 7
         if number == 0 or key >> 32:
@@ -174,7 +180,7 @@ def _walk(buf: memoryview, pos: int, end: int, type_name: str) -> list:
                     pieces.append((run, key_start))
                 pieces.append(_Data(bytes(buf[key_start:key_end]), body, length))
                 run = pos
-            elif number in children and children[number] in SCHEMA:
+            elif number in children:
                 if run < key_start:
                     pieces.append((run, key_start))
                 key_bytes = bytes(buf[key_start:key_end])
@@ -232,7 +238,7 @@ class Frame:
         return None if index is None else self.spans[index][0]
 
 
-def _skeleton(buf: memoryview, pieces: list, spans: list[tuple[int, int]], out: list) -> int:
+def _skeleton(buf: Buffer, pieces: list, spans: list[tuple[int, int]], out: list) -> int:
     """Appends the skeleton of ``pieces`` to ``out``; returns its length."""
     size = 0
     for p in pieces:
@@ -260,7 +266,8 @@ def parse(message_class: type[M], raw: Any, min_bytes: int = WALK_MIN_BYTES) -> 
     ``DecodeError`` where protobuf would. Read each Tensor's data through the returned
     frame's :meth:`Frame.data`. Messages under ``min_bytes`` are parsed by protobuf alone."""
     name = message_class.DESCRIPTOR.full_name
-    buf = memoryview(raw).cast("B") if not isinstance(raw, (bytes, bytearray)) else memoryview(raw)
+    # bytes index faster than a memoryview; what the walker slices out of it is small.
+    buf = raw if isinstance(raw, bytes) else memoryview(raw).cast("B")
     if name in SCHEMA and len(buf) >= min_bytes:
         try:
             pieces = _walk(buf, 0, len(buf), name)
@@ -278,7 +285,7 @@ def parse(message_class: type[M], raw: Any, min_bytes: int = WALK_MIN_BYTES) -> 
 # -- serialising --------------------------------------------------------------------------------
 
 
-def _layout(pieces: list, src: memoryview, sizes: Sequence[int], pads: dict[int, int], at: int, found: list) -> int:
+def _layout(pieces: list, src: bytes, sizes: Sequence[int], pads: dict[int, int], at: int, found: list) -> int:
     """Lays ``pieces`` out from offset ``at`` with the given pads, each nested length taken
     from the previous pass (:attr:`_Nested.size`, updated here); records ``(piece, offset of
     its payload)`` in ``found``. Returns the end offset."""
@@ -301,7 +308,7 @@ def _layout(pieces: list, src: memoryview, sizes: Sequence[int], pads: dict[int,
     return at
 
 
-def _emit(pieces: list, src: memoryview, payloads: Sequence[memoryview], pads: dict[int, int], out: list) -> int:
+def _emit(pieces: list, src: bytes, payloads: Sequence[memoryview], pads: dict[int, int], out: list) -> int:
     """Appends the message to ``out``; returns its length (computed here, exactly, whatever
     the layout passes guessed)."""
     size = 0
@@ -311,7 +318,7 @@ def _emit(pieces: list, src: memoryview, payloads: Sequence[memoryview], pads: d
             size += p[1] - p[0]
         elif isinstance(p, _Data):
             index = _placeholder_index(bytes(src[p.start : p.start + p.length]))
-            data = src[p.start : p.start + p.length] if index is None else payloads[index]
+            data = memoryview(src)[p.start : p.start + p.length] if index is None else payloads[index]
             pad = pads.get(id(p), 0) if index is not None else None
             head = (b"" if pad is None else _PAD_KEY + bytes([pad]) + bytes(pad)) + p.key + _encode_varint(data.nbytes)
             out.append(head)
@@ -340,10 +347,10 @@ def serialize(skeleton: Message, payloads: Sequence[Any]) -> bytes:
     """``skeleton`` serialised, with each Tensor.data that holds :func:`placeholder` (i)
     replaced by ``payloads[i]`` (any C-contiguous buffer: numpy arrays, bytes, memoryviews).
     Each payload is copied once, into the result, on an :data:`ALIGNMENT`-byte offset."""
-    src = memoryview(skeleton.SerializeToString())
+    src = skeleton.SerializeToString()
     views = [_as_bytes_view(p) for p in payloads]
     if not views:
-        return bytes(src)
+        return src
     pieces = _walk(src, 0, len(src), skeleton.DESCRIPTOR.full_name)
     sizes = [v.nbytes for v in views]
     pads: dict[int, int] = {}

@@ -13,6 +13,11 @@ went away or whose deadline passed is not computed. If a batch fails (a request 
 refuses, or the device running out of memory), it is split in halves and each half retried,
 down to single requests: one bad request fails only itself, a batch too large for the device's
 memory is run in parts that fit, and the requests around them stay batched.
+
+On the CPU a small batch (one whose kernel reads at most ``inline_max_samples`` samples, see
+:func:`inline_cost`) is computed by the dispatcher on the event loop itself: such a kernel
+takes less time than handing it to the worker thread and its results back, which are two
+wake-ups across threads, each waiting for the GIL.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 import torch
 
 from .codec import DecodedRequest
@@ -35,6 +41,32 @@ from .metrics import ServiceMetrics
 log = logging.getLogger(__name__)
 
 
+def inline_cost(reqs: list[DecodedRequest], limit: int) -> int | None:
+    """An upper bound of the samples the kernel reads for ``reqs`` (bilinear samples, or bin
+    pixels for the pool ops), or None when it is above ``limit``: per output element,
+    sampling_ratio squared, or with adaptive sampling and for the pool ops each bin's size
+    in map pixels (plus one), as the kernels count them."""
+    total = 0
+    for r in reqs:
+        bins = r.out_channels * r.pooled_height * r.pooled_width
+        if r.num_boxes * bins > limit:
+            return None
+        if not r.num_boxes:
+            continue
+        if r.sampling_ratio > 0 and not r.op.endswith("pool"):
+            per_box = float(r.sampling_ratio * r.sampling_ratio * r.num_boxes)
+        else:
+            b = r.rois.numpy()
+            size = b[:, 3:5] if r.op == "roi_align_rotated" else b[:, 3:5] - b[:, 1:3]
+            scale = max(r.scales) if r.scales else r.spatial_scale
+            per_bin = np.ceil(np.abs(size) * (scale / np.array([r.pooled_width, r.pooled_height])) + 1)
+            per_box = float(per_bin.prod(axis=1).sum())
+        total += int(min(per_box * bins, limit + 1))
+        if total > limit:
+            return None
+    return total
+
+
 @dataclass(frozen=True)
 class BatchPolicy:
     max_batch_requests: int = 64
@@ -42,6 +74,8 @@ class BatchPolicy:
     max_batch_bytes: int = 256 << 20
     max_wait_s: float = 0.0
     max_queue: int = 256
+    # 0: every batch goes to the worker thread.
+    inline_max_samples: int = 0
 
 
 @dataclass(frozen=True)
@@ -119,11 +153,20 @@ class DynamicBatcher:
         self._running: set[asyncio.Task] = set()
         self._batch_ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._inline = engine.device.type == "cpu" and policy.inline_max_samples > 0
 
     # -- life cycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if self._inline:
+            # Inline batches are small: they run on one thread, so that no OpenMP team spins
+            # on the cores that gRPC and the other requests need. The count is per thread;
+            # the worker keeps the server's (set there first: torch hands the last count set
+            # to threads that start later).
+            threads = self.engine.num_threads
+            await self._loop.run_in_executor(self.engine.worker, torch.set_num_threads, threads)
+            torch.set_num_threads(1)
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(self.engine.pipeline_depth)
         self._dispatcher = asyncio.create_task(self._dispatch_forever(), name="roi-batcher")
@@ -278,9 +321,30 @@ class DynamicBatcher:
             if not tickets:
                 self._slots.release()
                 continue
+            if self._inline and inline_cost([t.req for t in tickets], self.policy.inline_max_samples) is not None:
+                self._run_inline(tickets)
+                continue
             task = asyncio.create_task(self._run(tickets))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+
+    def _run_inline(self, tickets: list[Ticket]) -> None:
+        """A small CPU batch, computed here on the event loop (see the module's doc)."""
+        assert self._slots is not None
+        batch_id = next(self._batch_ids)
+        try:
+            self._resolve(batch_id, self._launch_live(tickets))
+        except Exception as exc:  # noqa: BLE001
+            self._fail(tickets, exc, batch_id)
+        finally:
+            self._slots.release()
+
+    def _fail(self, tickets: list[Ticket], exc: BaseException, batch_id: int) -> None:
+        if not isinstance(exc, asyncio.CancelledError):
+            log.exception("batch %d: unexpected failure", batch_id, exc_info=exc)
+        for t in tickets:
+            if not t.future.done():
+                t.future.set_exception(ServiceError("internal error (logged by the server)"))
 
     async def _run(self, tickets: list[Ticket]) -> None:
         assert self._loop is not None and self._slots is not None
@@ -298,11 +362,7 @@ class DynamicBatcher:
                     )
             self._resolve(batch_id, outcome)
         except BaseException as exc:
-            if not isinstance(exc, asyncio.CancelledError):
-                log.exception("batch %d: unexpected failure", batch_id)
-            for t in tickets:
-                if not t.future.done():
-                    t.future.set_exception(ServiceError("internal error (logged by the server)"))
+            self._fail(tickets, exc, batch_id)
             if isinstance(exc, asyncio.CancelledError):
                 raise
         finally:
@@ -383,17 +443,17 @@ class DynamicBatcher:
         m = self.metrics
         if m is None:
             return
-        m.batches.labels(op=op).inc()
+        m.child(m.batches, op).inc()
         m.batch_requests.observe(requests)
         m.batch_boxes.observe(boxes)
-        m.compute.labels(op=op).observe(compute_s)
+        m.child(m.compute, op).observe(compute_s)
 
     def _deliver(
         self, t: Ticket, out: torch.Tensor, launch_start: float, compute_s: float, batch_id: int, n: int, boxes: int
     ) -> None:
         queue_s = max(0.0, launch_start - t.arrived)
         if self.metrics is not None:
-            self.metrics.queue_wait.labels(op=t.req.op).observe(queue_s)
+            self.metrics.child(self.metrics.queue_wait, t.req.op).observe(queue_s)
         if not t.future.done():
             t.future.set_result(BatchResult(out, queue_s, compute_s, batch_id, n, boxes))
 

@@ -30,6 +30,7 @@ class Settings:
     max_wait_ms: float = 0.0
     max_batch_requests: int = 64
     max_queue: int = 256
+    inline_max_samples: int = 1 << 19
     max_message_bytes: int = 256 * MiB
     max_boxes: int = 65536
     max_output_elements: int = 1 << 25
@@ -191,6 +192,14 @@ FIELDS: tuple[Field, ...] = (
         "requests waiting for the device beyond which new ones get RESOURCE_EXHAUSTED",
     ),
     Field(
+        "inline_max_samples",
+        "--inline-max-samples",
+        "ROI_INLINE_MAX_SAMPLES",
+        _int,
+        "on the CPU, a batch that reads at most this many samples runs on the event loop instead "
+        "of the worker thread (the hand-over costs more than such a kernel); 0: never",
+    ),
+    Field(
         "max_message_bytes",
         "--max-message-bytes",
         "ROI_MAX_MESSAGE_BYTES",
@@ -311,6 +320,7 @@ def validate(s: Settings) -> list[str]:
     need(s.max_wait_ms >= 0, f"max_wait_ms must be >= 0, got {s.max_wait_ms}")
     need(s.max_batch_requests >= 1, f"max_batch_requests must be >= 1, got {s.max_batch_requests}")
     need(s.max_queue >= 1, f"max_queue must be >= 1, got {s.max_queue}")
+    need(s.inline_max_samples >= 0, f"inline_max_samples must be >= 0, got {s.inline_max_samples}")
     need(
         1024 <= s.max_message_bytes <= MESSAGE_BYTES_CEILING,
         f"max_message_bytes must be in [1024, {MESSAGE_BYTES_CEILING}] (gRPC fails messages of 1 GiB), "
