@@ -35,6 +35,7 @@ import grpc
 import numpy as np
 from hypothesis import strategies as st
 from roi_client import codec as wire
+from roi_client import framing
 from roi_client._proto.roi.v1 import roi_pb2
 
 POOL_METHOD = "/roi.v1.RoIService/Pool"
@@ -843,6 +844,117 @@ MUTATION_KINDS = (
 )
 
 
+# Aimed at the zero-copy parser (roi_client.framing), which the server uses on messages of
+# framing.WALK_MIN_BYTES and more: hostile keys, lengths, wire types and nesting, and a prefix
+# that makes any request that large.
+
+
+def overlong_varint(value: int, width: int = 0) -> bytes:
+    """``value`` as a varint, padded to ``width`` bytes with continuation bytes (an
+    overlong but valid encoding) when ``width`` is larger than it needs."""
+    out = bytearray()
+    value &= (1 << 64) - 1
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value or len(out) + 1 < width:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def wire_field(number: int, wire_type: int, body: bytes = b"", *, key_width: int = 0, len_width: int = 0) -> bytes:
+    key = overlong_varint((number << 3) | wire_type, key_width)
+    if wire_type == 2:
+        return key + overlong_varint(len(body), len_width) + body
+    return key + body
+
+
+@st.composite
+def tensor_bytes(draw) -> bytes:
+    """A Tensor's fields, valid or damaged where the walker looks."""
+    dtype = draw(st.integers(0, 5))
+    shape = draw(st.lists(st.integers(0, 4), max_size=4))
+    n = int(np.prod(shape)) if shape else 1
+    data = bytes(draw(st.binary(min_size=0, max_size=8))) + bytes(range(256))[: 4 * n % 256]
+    parts = [wire_field(1, 0, _varint(dtype))]
+    if draw(st.booleans()):
+        parts.append(wire_field(2, 2, b"".join(_varint(s) for s in shape)))  # packed
+    else:
+        parts.extend(wire_field(2, 0, _varint(s)) for s in shape)  # unpacked
+    parts.append(wire_field(3, 2, data, key_width=draw(st.sampled_from([0, 0, 2, 5, 6])), len_width=draw(st.sampled_from([0, 0, 3, 10, 11]))))
+    extra = draw(
+        st.lists(
+            st.sampled_from(
+                [
+                    wire_field(3, 2, b"second data wins"),
+                    wire_field(3, 0, _varint(7)),  # data with the wrong wire type: an unknown field
+                    wire_field(3, 5, b"\x01\x02\x03\x04"),
+                    wire_field(15, 2, bytes(5)),  # padding, as our encoder writes it
+                    wire_field(9, 3) + wire_field(1, 0, b"\x01") + wire_field(9, 4),  # a group
+                    wire_field(9, 4),  # an end group alone
+                    wire_field(9, 6),
+                    wire_field(9, 7),
+                    wire_field(0, 0, b"\x00"),
+                    wire_field((1 << 29) - 1, 0, b"\x01"),
+                    wire_field(1 << 29, 0, b"\x01"),
+                    b"\x1a\xff\xff\xff\xff\x0f",  # data whose length runs past the end
+                    b"\x08" + b"\xff" * 10 + b"\x01",  # an 11-byte varint
+                    wire_field(4, 2, wire_field(1, 2, b"roi_x") + wire_field(3, 0, _varint(4))),  # a shared-memory ref
+                ]
+            ),
+            max_size=3,
+        )
+    )
+    for e in extra:
+        parts.insert(draw(st.integers(0, len(parts))), e)
+    return b"".join(parts)
+
+
+@st.composite
+def hostile_framing_bytes(draw) -> bytes:
+    """Bytes aimed at roi_client.framing's walker: a PoolRequest built from damaged tensors,
+    nested where the walker goes into them, with the fields a oneof or a merge makes
+    interesting, then perhaps truncated, flipped, or with bytes inserted or deleted."""
+    tensor = lambda: draw(tensor_bytes())
+    level = lambda: wire_field(1, 2, tensor()) + draw(st.sampled_from([b"", wire_field(2, 1, np.float64(0.25).tobytes())]))
+    choices = [
+        lambda: wire_field(4, 2, tensor()),
+        lambda: wire_field(5, 2, b"".join(wire_field(1, 2, level()) for _ in range(draw(st.integers(0, 3))))),
+        lambda: wire_field(6, 2, b"".join(wire_field(1, 2, tensor()) for _ in range(draw(st.integers(0, 3))))),
+        lambda: wire_field(7, 2, wire_field(1, 2, tensor())),
+        lambda: wire_field(7, 2, wire_field(2, 2, b"".join(wire_field(1, 2, tensor()) for _ in range(draw(st.integers(0, 3)))))),
+        lambda: wire_field(1, 2, draw(st.sampled_from([b"req", b"\xff\xfe", b""]))),
+        lambda: wire_field(2, 0, _varint(draw(st.integers(-3, 9)))),
+        lambda: wire_field(3, 2, wire_field(1, 0, _varint(7)) + wire_field(2, 0, _varint(7))),
+        lambda: wire_field(4, 0, _varint(1)),  # a message field with the wrong wire type
+        lambda: wire_field(99, 2, wire_field(4, 2, tensor())),  # a tensor inside an unknown field
+        lambda: wire_field(5, 2, wire_field(1, 2, wire_field(1, 2, tensor()), len_width=4)),
+    ]
+    parts = [draw(st.sampled_from(choices))() for _ in range(draw(st.integers(1, 5)))]
+    raw = b"".join(parts)
+    cut = draw(st.sampled_from(["none", "none", "truncate", "flip", "insert", "delete"]))
+    if raw and cut == "truncate":
+        raw = raw[: draw(st.integers(0, len(raw) - 1))]
+    elif raw and cut == "flip":
+        i = draw(st.integers(0, len(raw) - 1))
+        raw = raw[:i] + bytes([raw[i] ^ draw(st.integers(1, 255))]) + raw[i + 1 :]
+    elif cut == "insert":
+        i = draw(st.integers(0, len(raw)))
+        raw = raw[:i] + draw(st.binary(min_size=1, max_size=4)) + raw[i:]
+    elif raw and cut == "delete":
+        i = draw(st.integers(0, len(raw) - 1))
+        raw = raw[:i] + raw[i + draw(st.integers(1, 4)) :]
+    return raw
+
+
+
+# An unknown field (number 127) that takes a message past framing.WALK_MIN_BYTES: the server
+# then reads it with the zero-copy walker instead of protobuf alone. It means nothing.
+WALKED_PREFIX = wire_field(127, 2, bytes(framing.WALK_MIN_BYTES))
+
+
 def _parse(payload: bytes) -> roi_pb2.PoolRequest | None:
     try:
         return roi_pb2.PoolRequest.FromString(payload)
@@ -865,9 +977,13 @@ def pool_requests(draw, valid_share: float = 0.3) -> FuzzCase:
     draw from 0..99 falls below ``100 * valid_share`` and else broken by one to three
     mutations. (Hypothesis favours small draws: with the default about half the cases stay
     valid.)"""
-    if draw(st.integers(0, 49)) == 0:
+    pick = draw(st.integers(0, 49))
+    if pick == 0:
         raw = draw(st.binary(max_size=64))
         return FuzzCase(raw, _parse(raw), ("garbage",))
+    if pick == 49:
+        raw = WALKED_PREFIX + draw(hostile_framing_bytes())
+        return FuzzCase(raw, _parse(raw), ("hostile_framing",))
     d = draw(_valid_draft())
     byte_kinds = []
     if draw(st.integers(0, 99)) >= 100 * valid_share:
@@ -885,6 +1001,10 @@ def pool_requests(draw, valid_share: float = 0.3) -> FuzzCase:
         payload = BYTE_MUTATORS[kind](draw, payload)
         d.mutations.append(kind)
     request = _parse(payload) if byte_kinds else d.req
+    if len(payload) < framing.WALK_MIN_BYTES and draw(st.booleans()):
+        # The same request, read by the walker (see WALKED_PREFIX).
+        payload = WALKED_PREFIX + payload
+        d.extremes.append("walked")
     return FuzzCase(payload, request, tuple(d.mutations), tuple(dict.fromkeys(d.extremes)), not d.special)
 
 

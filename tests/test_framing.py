@@ -6,8 +6,8 @@ The differential check (:func:`check_agrees`) parses a message both ways: protob
 ``FromString``, and framing's walker + skeleton with each placeholder replaced by the bytes
 its span points at. Either both refuse, or the two messages are equal field for field
 (unknown fields included). Hostile messages come from the service fuzzer's request generator
-(tests/fuzz_requests.py) and from byte-level damage aimed at what the walker itself reads:
-keys, lengths, wire types, nesting.
+and from byte-level damage aimed at what the walker itself reads (keys, lengths, wire types,
+nesting), both in tests/fuzz_requests.py.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from fuzz_requests import pool_requests
+from fuzz_requests import hostile_framing_bytes, pool_requests, tensor_bytes, wire_field
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -86,113 +86,11 @@ def check_agrees(message_class, raw: bytes, walk=None) -> str:
     return "walked" if frame.spans else "whole"
 
 
-# -- hostile bytes aimed at the walker ----------------------------------------------------------
-
-
-def varint(value: int, width: int = 0) -> bytes:
-    """``value`` as a varint, padded to ``width`` bytes with continuation bytes (an
-    overlong but valid encoding) when ``width`` is larger than it needs."""
-    out = bytearray()
-    value &= (1 << 64) - 1
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value or len(out) + 1 < width:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def field(number: int, wire_type: int, body: bytes = b"", *, key_width: int = 0, len_width: int = 0) -> bytes:
-    key = varint((number << 3) | wire_type, key_width)
-    if wire_type == 2:
-        return key + varint(len(body), len_width) + body
-    return key + body
-
-
-@st.composite
-def tensor_bytes(draw) -> bytes:
-    """A Tensor's fields, valid or damaged where the walker looks."""
-    dtype = draw(st.integers(0, 5))
-    shape = draw(st.lists(st.integers(0, 4), max_size=4))
-    n = int(np.prod(shape)) if shape else 1
-    data = bytes(draw(st.binary(min_size=0, max_size=8))) + bytes(range(256))[: 4 * n % 256]
-    parts = [field(1, 0, varint(dtype))]
-    if draw(st.booleans()):
-        parts.append(field(2, 2, b"".join(varint(s) for s in shape)))  # packed
-    else:
-        parts.extend(field(2, 0, varint(s)) for s in shape)  # unpacked
-    parts.append(field(3, 2, data, key_width=draw(st.sampled_from([0, 0, 2, 5, 6])), len_width=draw(st.sampled_from([0, 0, 3, 10, 11]))))
-    extra = draw(
-        st.lists(
-            st.sampled_from(
-                [
-                    field(3, 2, b"second data wins"),
-                    field(3, 0, varint(7)),  # data with the wrong wire type: an unknown field
-                    field(3, 5, b"\x01\x02\x03\x04"),
-                    field(15, 2, bytes(5)),  # padding, as our encoder writes it
-                    field(9, 3) + field(1, 0, b"\x01") + field(9, 4),  # a group
-                    field(9, 4),  # an end group alone
-                    field(9, 6),
-                    field(9, 7),
-                    field(0, 0, b"\x00"),
-                    field((1 << 29) - 1, 0, b"\x01"),
-                    field(1 << 29, 0, b"\x01"),
-                    b"\x1a\xff\xff\xff\xff\x0f",  # data whose length runs past the end
-                    b"\x08" + b"\xff" * 10 + b"\x01",  # an 11-byte varint
-                    field(4, 2, field(1, 2, b"roi_x") + field(3, 0, varint(4))),  # a shared-memory ref
-                ]
-            ),
-            max_size=3,
-        )
-    )
-    for e in extra:
-        parts.insert(draw(st.integers(0, len(parts))), e)
-    return b"".join(parts)
-
-
-@st.composite
-def hostile_requests(draw) -> bytes:
-    """A PoolRequest built from damaged tensors, nested where the walker goes into them, with
-    the fields a oneof or a merge makes interesting."""
-    tensor = lambda: draw(tensor_bytes())
-    level = lambda: field(1, 2, tensor()) + draw(st.sampled_from([b"", field(2, 1, np.float64(0.25).tobytes())]))
-    choices = [
-        lambda: field(4, 2, tensor()),
-        lambda: field(5, 2, b"".join(field(1, 2, level()) for _ in range(draw(st.integers(0, 3))))),
-        lambda: field(6, 2, b"".join(field(1, 2, tensor()) for _ in range(draw(st.integers(0, 3))))),
-        lambda: field(7, 2, field(1, 2, tensor())),
-        lambda: field(7, 2, field(2, 2, b"".join(field(1, 2, tensor()) for _ in range(draw(st.integers(0, 3)))))),
-        lambda: field(1, 2, draw(st.sampled_from([b"req", b"\xff\xfe", b""]))),
-        lambda: field(2, 0, varint(draw(st.integers(-3, 9)))),
-        lambda: field(3, 2, field(1, 0, varint(7)) + field(2, 0, varint(7))),
-        lambda: field(4, 0, varint(1)),  # a message field with the wrong wire type
-        lambda: field(99, 2, field(4, 2, tensor())),  # a tensor inside an unknown field
-        lambda: field(5, 2, field(1, 2, field(1, 2, tensor()), len_width=4)),
-    ]
-    parts = [draw(st.sampled_from(choices))() for _ in range(draw(st.integers(1, 5)))]
-    raw = b"".join(parts)
-    cut = draw(st.sampled_from(["none", "none", "truncate", "flip", "insert", "delete"]))
-    if raw and cut == "truncate":
-        raw = raw[: draw(st.integers(0, len(raw) - 1))]
-    elif raw and cut == "flip":
-        i = draw(st.integers(0, len(raw) - 1))
-        raw = raw[:i] + bytes([raw[i] ^ draw(st.integers(1, 255))]) + raw[i + 1 :]
-    elif cut == "insert":
-        i = draw(st.integers(0, len(raw)))
-        raw = raw[:i] + draw(st.binary(min_size=1, max_size=4)) + raw[i:]
-    elif raw and cut == "delete":
-        i = draw(st.integers(0, len(raw) - 1))
-        raw = raw[:i] + raw[i + draw(st.integers(1, 4)) :]
-    return raw
-
-
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 @FUZZ
-@given(raw=hostile_requests())
+@given(raw=hostile_framing_bytes())
 def test_walker_agrees_with_protobuf_on_hostile_requests(raw):
     check_agrees(roi_pb2.PoolRequest, raw)
 
@@ -212,14 +110,14 @@ def test_walker_agrees_with_protobuf_on_the_service_fuzzer_requests(case):
        cut=st.integers(0, 3))  # fmt: skip
 def test_walker_agrees_with_protobuf_on_responses(body, tensor, stream, cut):
     pieces = {
-        "id": field(1, 2, b"r1"),
-        "output": field(2, 2, tensor),
-        "timings": field(3, 2, field(1, 1, np.float64(0.5).tobytes())),
-        "junk": field(7, 2, tensor),
+        "id": wire_field(1, 2, b"r1"),
+        "output": wire_field(2, 2, tensor),
+        "timings": wire_field(3, 2, wire_field(1, 1, np.float64(0.5).tobytes())),
+        "junk": wire_field(7, 2, tensor),
     }
     raw = b"".join(pieces[b] for b in body)
     if stream:
-        raw = field(1, 2, b"s") + field(2, 2, raw)
+        raw = wire_field(1, 2, b"s") + wire_field(2, 2, raw)
     if cut and raw:
         raw = raw[: len(raw) - cut]
     check_agrees(roi_pb2.PoolStreamResponse if stream else roi_pb2.PoolResponse, raw)

@@ -57,10 +57,11 @@ def inline_cost(reqs: list[DecodedRequest], limit: int) -> int | None:
             per_box = float(r.sampling_ratio * r.sampling_ratio * r.num_boxes)
         else:
             b = r.rois.numpy()
-            size = b[:, 3:5] if r.op == "roi_align_rotated" else b[:, 3:5] - b[:, 1:3]
             scale = max(r.scales) if r.scales else r.spatial_scale
-            per_bin = np.ceil(np.abs(size) * (scale / np.array([r.pooled_width, r.pooled_height])) + 1)
-            per_box = float(per_bin.prod(axis=1).sum())
+            with np.errstate(over="ignore"):  # huge boxes give inf: no inline batch
+                size = b[:, 3:5] if r.op == "roi_align_rotated" else b[:, 3:5] - b[:, 1:3]
+                per_bin = np.ceil(np.abs(size) * (scale / np.array([r.pooled_width, r.pooled_height])) + 1)
+                per_box = float(per_bin.prod(axis=1).sum())
         total += int(min(per_box * bins, limit + 1))
         if total > limit:
             return None
