@@ -630,7 +630,10 @@ def test_health_and_reflection(server):
         assert {"roi.v1.RoIService", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= services
         pool = descriptor_pool.DescriptorPool(db)
         svc = pool.FindServiceByName("roi.v1.RoIService")
-        assert {m.name for m in svc.methods} == {"Pool", "PoolStream", "Describe"}
+        assert {m.name for m in svc.methods} == {
+            "Pool", "PoolStream", "Describe",
+            "RegisterSharedMemory", "SharedMemoryStatus", "UnregisterSharedMemory", "HoldSharedMemory",
+        }  # fmt: skip
         method = svc.FindMethodByName("PoolStream")
         assert method.client_streaming and method.server_streaming
         request = pool.FindMessageTypeByName("roi.v1.PoolRequest")
