@@ -160,7 +160,7 @@ def test_serialize_writes_what_protobuf_would_with_payloads_aligned(seed, dtype)
         payloads.append(codec.tensor_payload(lv, None if dtype != np.uint16 else roi_pb2.DTYPE_BFLOAT16, t, len(payloads)))
     for b in boxes:
         payloads.append(codec.tensor_payload(b, None, skeleton.boxes.per_image.boxes.add(), len(payloads)))
-    raw = framing.serialize(skeleton, payloads)
+    raw = framing.serialize(skeleton, payloads, min_bytes=0)
     full.CopyFrom(skeleton)
     for t, p in zip([lv.map for lv in full.pyramid.levels] + list(full.boxes.per_image.boxes), payloads):
         t.data = p.tobytes()
@@ -188,10 +188,11 @@ def shares(arr, raw: bytes) -> bool:
 
 
 def _request(seed: int):
-    # 983 KB of maps and 100 KB of output: both well above framing.WALK_MIN_BYTES.
+    # 983 KB of maps and 1.2 MB of output: above framing's thresholds for the walk and the
+    # splice, where the copies below are the ones counted.
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 64, 40, 48, generator=gen)
-    boxes = torch.tensor([[0, 3.0, 4.0, 200.0, 300.0], [1, 10.0, 10.0, 500.0, 600.0]] * 4)
+    boxes = torch.tensor([[0, 3.0, 4.0, 200.0, 300.0], [1, 10.0, 10.0, 500.0, 600.0]] * 48)
     return x, boxes
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, Union
+from typing import Any, TypeVar
 
 from google.protobuf import descriptor as _descriptor
 from google.protobuf.message import Message
@@ -44,7 +44,7 @@ from ._proto.roi.v1 import roi_pb2
 
 M = TypeVar("M", bound=Message)
 # What the walker reads: the received bytes, or a byte view of another buffer.
-Buffer = Union[bytes, memoryview]
+Buffer = bytes | memoryview
 
 # Payloads start on this offset in a message we write (a cache line: any dtype, any vector
 # load). A reader of another encoder's message gets what that encoder wrote.
@@ -56,8 +56,11 @@ _PAD_KEY = bytes([(PAD_FIELD << 3) | 2])
 TENSOR = "roi.v1.Tensor"
 DATA_FIELD = 3
 
-# Below this size a message goes to protobuf whole: its copies cost less than the walk.
-WALK_MIN_BYTES = 32 << 10
+# Below these sizes protobuf's copies cost less than the walk (about 14 us) or the splice
+# (about 35 us): a smaller message is parsed by protobuf whole, smaller payloads are set on
+# the message and serialised by protobuf (benchmarks/NOTES.md, entry 13).
+WALK_MIN_BYTES = 256 << 10
+SPLICE_MIN_BYTES = 512 << 10
 
 # A placeholder: this process's random tag, then the payload's index. A sender cannot forge
 # one (it does not know the tag), so a placeholder in a parsed skeleton is always ours.
@@ -108,6 +111,15 @@ def _schema() -> dict[str, dict[int, str]]:
 
 
 SCHEMA = _schema()
+# The same fields by name, for walking a message object: (name, repeated).
+_FIELDS = {
+    name: [
+        (f.name, f.is_repeated)
+        for f in roi_pb2.DESCRIPTOR.pool.FindMessageTypeByName(name).fields
+        if f.number in children
+    ]
+    for name, children in SCHEMA.items()
+}
 
 
 # -- the walker ---------------------------------------------------------------------------------
@@ -343,14 +355,16 @@ def _as_bytes_view(x: Any) -> memoryview:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
-def serialize(skeleton: Message, payloads: Sequence[Any]) -> bytes:
+def serialize(skeleton: Message, payloads: Sequence[Any], min_bytes: int = SPLICE_MIN_BYTES) -> bytes:
     """``skeleton`` serialised, with each Tensor.data that holds :func:`placeholder` (i)
     replaced by ``payloads[i]`` (any C-contiguous buffer: numpy arrays, bytes, memoryviews).
-    Each payload is copied once, into the result, on an :data:`ALIGNMENT`-byte offset."""
-    src = skeleton.SerializeToString()
+    Each payload is copied once, into the result, on an :data:`ALIGNMENT`-byte offset (below
+    ``min_bytes`` of payloads in all, protobuf serialises them, unaligned, and the skeleton's
+    placeholders are replaced in place)."""
     views = [_as_bytes_view(p) for p in payloads]
-    if not views:
-        return src
+    if sum(v.nbytes for v in views) < min_bytes:
+        return _serialize_small(skeleton, views)
+    src = skeleton.SerializeToString()
     pieces = _walk(src, 0, len(src), skeleton.DESCRIPTOR.full_name)
     sizes = [v.nbytes for v in views]
     pads: dict[int, int] = {}
@@ -373,6 +387,28 @@ def serialize(skeleton: Message, payloads: Sequence[Any]) -> bytes:
     out: list = []
     _emit(pieces, src, views, pads, out)
     return b"".join(out)
+
+
+def _serialize_small(skeleton: Message, payloads: Sequence[memoryview]) -> bytes:
+    """:func:`serialize` by protobuf: each placeholder replaced by its payload's bytes, in
+    place."""
+    _fill(skeleton, payloads)
+    return skeleton.SerializeToString()
+
+
+def _fill(msg: Message, payloads: Sequence[memoryview]) -> None:
+    name = msg.DESCRIPTOR.full_name
+    if name == TENSOR:
+        index = _placeholder_index(msg.data)
+        if index is not None:
+            msg.data = payloads[index].tobytes()
+        return
+    for field_name, repeated in _FIELDS[name]:
+        if repeated:
+            for m in getattr(msg, field_name):
+                _fill(m, payloads)
+        elif msg.HasField(field_name):
+            _fill(getattr(msg, field_name), payloads)
 
 
 def _sizes(pieces: list) -> list[int]:
