@@ -169,12 +169,15 @@ def tensor_payload(x: Any, wire_dtype: int | None, msg: roi_pb2.Tensor, index: i
     return little_endian(arr)
 
 
-def wire_layout(msg: roi_pb2.Tensor, field: str, nbytes: int) -> tuple[np.dtype, tuple[int, ...]]:
+def wire_layout(
+    msg: roi_pb2.Tensor, field: str, nbytes: int, length_field: str | None = None
+) -> tuple[np.dtype, tuple[int, ...]]:
     """The words dtype and shape of a wire tensor whose data is ``nbytes`` long.
 
     Raises ValueError naming ``field`` when the dtype is unknown, a dimension is negative, or
-    the byte length does not match the shape and dtype. (The caller reads ``msg.data`` once and
-    passes its length: each read of a bytes field copies it.)
+    the byte length does not match the shape and dtype (naming ``length_field``, default
+    ``<field>.data``: ``<field>.shared_memory.byte_size`` for a tensor in shared memory). (The
+    caller reads ``msg.data`` once and passes its length: each read of a bytes field copies it.)
     """
     words = WIRE_DTYPES.get(msg.dtype)
     if words is None:
@@ -188,7 +191,7 @@ def wire_layout(msg: roi_pb2.Tensor, field: str, nbytes: int) -> tuple[np.dtype,
     expected = count * words.itemsize
     if nbytes != expected:
         raise ValueError(
-            f"{field}.data: {nbytes} bytes do not match shape {list(shape)} of "
+            f"{length_field or field + '.data'}: {nbytes} bytes do not match shape {list(shape)} of "
             f"{dtype_name(msg.dtype)} ({expected} bytes)"
         )
     return words, shape

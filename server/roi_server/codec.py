@@ -3,9 +3,11 @@
 :func:`decode_request` checks everything the service can check before a kernel sees the input
 (dtypes, byte lengths, shapes, box values, image indices, parameters, the per-request caps) and
 raises :class:`~roi_server.errors.InvalidArgument` naming the field. What it returns holds torch
-tensors that share memory with the bytes gRPC received (through :mod:`roi_client.framing`):
-the kernels only read them. A payload that does not lie on a multiple of its element size in
-the message (another encoder's message) is copied once, to an aligned buffer.
+tensors that share memory with the bytes gRPC received (through :mod:`roi_client.framing`), or,
+for a tensor given as a ``SharedMemoryRef``, with the caller's registered region
+(:mod:`roi_server.shm`): the kernels only read them. A payload that does not lie on a multiple
+of its element size (another encoder's message, an odd offset in a region) is copied once, to
+an aligned buffer.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from roi_client._proto.roi.v1 import roi_pb2
 
 from .batch_keys import batch_key
 from .errors import InvalidArgument, Unimplemented
+from .shm import SharedMemoryRegistry
 
 # The maps are read-only views of the request's bytes, which the kernels never write. torch
 # warns about such views once per process; that one warning is spent here, silenced.
@@ -113,6 +116,9 @@ _WITH_ALIGNED = {"roi_align", "roi_align_rotated", "multiscale_roi_align"}
 _WITH_POOL_MODE = {"roi_align", "multiscale_roi_align"}
 _POSITION_SENSITIVE = {"ps_roi_align", "ps_roi_pool"}
 
+# What a request that names shared memory meets when the decoder is given no registry.
+_NO_SHARED_MEMORY = SharedMemoryRegistry(enabled=False, prefix="")
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -153,6 +159,10 @@ class DecodedRequest:
     out_dtype: torch.dtype
     map_bytes: int
     key: tuple = field(default=())
+    # PoolRequest.output_region and the writable view of the result's bytes in it, taken (and
+    # checked) at decoding; the view keeps the region mapped until :meth:`release`.
+    output_region: roi_pb2.SharedMemoryRef | None = field(default=None, repr=False)
+    output_view: memoryview | None = field(default=None, repr=False)
 
     @property
     def num_boxes(self) -> int:
@@ -161,6 +171,33 @@ class DecodedRequest:
     @property
     def output_shape(self) -> tuple[int, int, int, int]:
         return (self.num_boxes, self.out_channels, self.pooled_height, self.pooled_width)
+
+    def release(self) -> None:
+        """Lets go of the output region's view (once the result is written, or the request
+        failed): a region unregistered meanwhile is unmapped only when no view is left."""
+        # Taken first: a codec thread (done writing) and the event loop (the request ended)
+        # may both release it.
+        view, self.output_view = self.output_view, None
+        if view is not None:
+            view.release()
+
+
+@dataclass
+class _Contents:
+    """Where a request's tensors' bytes lie: in the received message (``frame``) or in the
+    registered shared memory regions of the caller (``owner``)."""
+
+    frame: framing.Frame
+    shared_memory: SharedMemoryRegistry
+    owner: str
+
+    def data(self, msg: roi_pb2.Tensor, name: str) -> tuple[Any, str]:
+        """``msg``'s bytes (a view, no copy), and the field that gives their length."""
+        if msg.WhichOneof("contents") == "shared_memory":
+            field_name = f"{name}.shared_memory"
+            return self.shared_memory.view(self.owner, msg.shared_memory, field_name), f"{field_name}.byte_size"
+        # A view where the walker found it; read it once (each read of a bytes field copies).
+        return self.frame.data(msg), f"{name}.data"
 
 
 def _shape_text(shape) -> str:
@@ -172,23 +209,24 @@ def _shape_text(shape) -> str:
 
 def _tensor(
     msg: roi_pb2.Tensor,
-    frame: framing.Frame,
+    contents: _Contents,
     name: str,
     rank: int,
     want: str,
     allowed: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
-    """``msg`` as a tensor sharing the received bytes (``frame`` says where they lie). It must
-    have ``rank`` dimensions (``want`` names them for the error message)."""
+    """``msg`` as a tensor sharing the received bytes or the caller's region (``contents`` says
+    where they lie). It must have ``rank`` dimensions (``want`` names them for the error
+    message)."""
     if allowed is not None and msg.dtype in wire.WIRE_DTYPES and msg.dtype not in allowed:
         names = ", ".join(wire.dtype_name(d) for d in allowed)
         raise InvalidArgument(f"{name}.dtype", f"must be {names}, got {wire.dtype_name(msg.dtype)}")
     # Checked before numpy sees the shape: it refuses more than 64 dimensions.
     if len(msg.shape) != rank:
         raise InvalidArgument(f"{name}.shape", f"must be {want}, got {_shape_text(msg.shape)}")
-    data = frame.data(msg)  # a view where the walker found it; read it once (each read of a bytes field copies)
+    data, length_field = contents.data(msg, name)
     try:
-        words, shape = wire.wire_layout(msg, name, memoryview(data).nbytes)
+        words, shape = wire.wire_layout(msg, name, memoryview(data).nbytes, length_field)
     except ValueError as exc:
         field_name, _, problem = str(exc).partition(": ")
         raise InvalidArgument(field_name, problem) from None
@@ -230,7 +268,7 @@ def _infer_scales(maps: list[torch.Tensor], image_sizes) -> list[float]:
     return scales
 
 
-def _features(req: roi_pb2.PoolRequest, frame: framing.Frame, op: str) -> tuple[str, list[torch.Tensor], tuple[float, ...]]:
+def _features(req: roi_pb2.PoolRequest, contents: _Contents, op: str) -> tuple[str, list[torch.Tensor], tuple[float, ...]]:
     kind = req.WhichOneof("features")
     if kind is None:
         raise InvalidArgument("features", "give input, pyramid or ragged")
@@ -242,7 +280,7 @@ def _features(req: roi_pb2.PoolRequest, frame: framing.Frame, op: str) -> tuple[
         raise InvalidArgument("ragged", f"only roi_align takes ragged per-image maps, not {op}")
 
     if kind == "input":
-        t = _tensor(req.input, frame, "input", 4, MAP_SHAPES[4])
+        t = _tensor(req.input, contents, "input", 4, MAP_SHAPES[4])
         _check_map(t, "input")
         return "dense", [t], ()
 
@@ -252,7 +290,7 @@ def _features(req: roi_pb2.PoolRequest, frame: framing.Frame, op: str) -> tuple[
         maps = []
         for i, m in enumerate(req.ragged.maps):
             name = f"ragged.maps[{i}]"
-            t = _tensor(m, frame, name, 3, MAP_SHAPES[3])
+            t = _tensor(m, contents, name, 3, MAP_SHAPES[3])
             _check_map(t, name)
             if maps and t.dtype != maps[0].dtype:
                 raise InvalidArgument(f"{name}.dtype", "must equal ragged.maps[0].dtype")
@@ -269,7 +307,7 @@ def _features(req: roi_pb2.PoolRequest, frame: framing.Frame, op: str) -> tuple[
     maps = []
     for i, level in enumerate(pyramid.levels):
         name = f"pyramid.levels[{i}].map"
-        t = _tensor(level.map, frame, name, 4, MAP_SHAPES[4])
+        t = _tensor(level.map, contents, name, 4, MAP_SHAPES[4])
         _check_map(t, name)
         if maps and t.dtype != maps[0].dtype:
             raise InvalidArgument(f"{name}.dtype", "must equal the dtype of levels[0]")
@@ -304,20 +342,20 @@ def _features(req: roi_pb2.PoolRequest, frame: framing.Frame, op: str) -> tuple[
     return "pyramid", maps, tuple(scales)
 
 
-def _boxes(req: roi_pb2.PoolRequest, frame: framing.Frame, cols: int, acc: torch.dtype) -> torch.Tensor:
+def _boxes(req: roi_pb2.PoolRequest, contents: _Contents, cols: int, acc: torch.dtype) -> torch.Tensor:
     kind = req.boxes.WhichOneof("layout")
     if kind is None:
         raise InvalidArgument("boxes", "give rois or per_image")
     if kind == "rois":
         want = f"[K, {cols + 1}] (image index first)"
-        t = _tensor(req.boxes.rois, frame, "boxes.rois", 2, want, BOX_DTYPES)
+        t = _tensor(req.boxes.rois, contents, "boxes.rois", 2, want, BOX_DTYPES)
         if t.shape[1] != cols + 1:
             raise InvalidArgument("boxes.rois.shape", f"must be {want}, got {list(t.shape)}")
         return t.to(acc)
     parts = []
     for i, m in enumerate(req.boxes.per_image.boxes):
         name = f"boxes.per_image[{i}]"
-        t = _tensor(m, frame, name, 2, f"[L, {cols}]", BOX_DTYPES)
+        t = _tensor(m, contents, name, 2, f"[L, {cols}]", BOX_DTYPES)
         if t.shape[1] != cols:
             raise InvalidArgument(f"{name}.shape", f"must be [L, {cols}], got {list(t.shape)}")
         t = t.to(acc)
@@ -363,16 +401,48 @@ def _params(req: roi_pb2.PoolRequest, op: str) -> dict[str, Any]:
     }
 
 
+def _tensors(req: roi_pb2.PoolRequest):
+    """Every Tensor of ``req``."""
+    kind = req.WhichOneof("features")
+    if kind == "input":
+        yield req.input
+    elif kind == "ragged":
+        yield from req.ragged.maps
+    elif kind == "pyramid":
+        for level in req.pyramid.levels:
+            yield level.map
+    layout = req.boxes.WhichOneof("layout")
+    if layout == "rois":
+        yield req.boxes.rois
+    elif layout == "per_image":
+        yield from req.boxes.per_image.boxes
+
+
+def shared_memory_bytes(req: roi_pb2.PoolRequest) -> int:
+    """The bytes ``req``'s tensors name in shared memory (what decoding may have to copy, on
+    top of the message's own)."""
+    return sum(t.shared_memory.byte_size for t in _tensors(req) if t.WhichOneof("contents") == "shared_memory")
+
+
 def decode_request(
     req: roi_pb2.PoolRequest,
     limits: Limits,
     available_ops: frozenset[str] | None = None,
     frame: framing.Frame | None = None,
+    shared_memory: SharedMemoryRegistry | None = None,
+    owner: str = "",
 ) -> DecodedRequest:
     """Validates ``req`` and returns it as tensors; raises InvalidArgument naming the field.
-    ``frame`` is :func:`roi_client.framing.parse`'s (None: ``req`` holds its own bytes)."""
-    if frame is None:
-        frame = framing.Frame(b"")
+    ``frame`` is :func:`roi_client.framing.parse`'s (None: ``req`` holds its own bytes).
+    Tensors and the output region given in shared memory are read from and checked against
+    the regions that ``owner`` (the caller, see
+    :meth:`roi_server.shm_service.SharedMemoryService.owner`) registered in ``shared_memory``
+    (None: shared memory is off, and such a request is refused with FAILED_PRECONDITION)."""
+    contents = _Contents(
+        framing.Frame(b"") if frame is None else frame,
+        _NO_SHARED_MEMORY if shared_memory is None else shared_memory,
+        owner,
+    )
     op = OP_NAMES.get(req.op)
     if op is None:
         raise InvalidArgument("op", f"unknown or unspecified op {req.op}")
@@ -383,11 +453,11 @@ def decode_request(
     if out_dtype_wire != roi_pb2.DTYPE_UNSPECIFIED and out_dtype_wire not in TORCH_DTYPES:
         raise InvalidArgument("out_dtype", f"unknown dtype {out_dtype_wire}")
 
-    layout, maps, scales = _features(req, frame, op)
+    layout, maps, scales = _features(req, contents, op)
     dtype = maps[0].dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     rotated = op == "roi_align_rotated"
-    rois = _boxes(req, frame, 5 if rotated else 4, acc)
+    rois = _boxes(req, contents, 5 if rotated else 4, acc)
 
     if layout == "ragged":
         num_images, channels = len(maps), int(maps[0].shape[0])
@@ -437,8 +507,14 @@ def decode_request(
         )
     out_dtype = TORCH_DTYPES.get(out_dtype_wire, dtype)
     out_bytes = out_elements * out_dtype.itemsize
-    # The response must fit the message limit too (a few hundred bytes of framing aside).
-    if out_bytes + 4096 > limits.max_message_bytes:
+    output_region = output_view = None
+    if req.HasField("output_region"):
+        # Checked now, so that a bad region is refused before the kernel runs. The response
+        # then carries no data: the message limit does not bound the output.
+        output_region = req.output_region
+        output_view = contents.shared_memory.output_view(owner, output_region, out_bytes, "output_region")
+    elif out_bytes + 4096 > limits.max_message_bytes:
+        # The response must fit the message limit too (a few hundred bytes of framing aside).
         raise InvalidArgument(
             "boxes",
             f"the output would take {out_bytes} bytes, above this server's message limit of {limits.max_message_bytes}",
@@ -458,20 +534,44 @@ def decode_request(
         dtype=dtype,
         out_dtype=out_dtype,
         map_bytes=map_bytes,
+        output_region=output_region,
+        output_view=output_view,
         **params,
     )
     decoded.key = batch_key(decoded)
     return decoded
 
 
-def output_payload(out: torch.Tensor, msg: roi_pb2.Tensor, index: int = 0) -> np.ndarray:
-    """Sets ``msg``'s dtype and shape for ``out`` (CPU) and its data to framing's placeholder
-    ``index``; returns the array that :func:`roi_client.framing.serialize` writes in its place
-    (``out``'s own memory when it is contiguous)."""
+def _output_words(out: torch.Tensor, msg: roi_pb2.Tensor) -> np.ndarray:
+    """Sets ``msg``'s dtype and shape for ``out`` (CPU); returns its wire words (``out``'s own
+    memory when it is contiguous)."""
     msg.dtype = WIRE_OF_TORCH[out.dtype]
     if out.dtype == torch.bfloat16:
         out = out.view(torch.int16)
     arr = wire.little_endian(out.contiguous().numpy())
     msg.shape.extend(arr.shape)
+    return arr
+
+
+def output_payload(out: torch.Tensor, msg: roi_pb2.Tensor, index: int = 0) -> np.ndarray:
+    """Sets ``msg``'s dtype and shape for ``out`` (CPU) and its data to framing's placeholder
+    ``index``; returns the array that :func:`roi_client.framing.serialize` writes in its place
+    (``out``'s own memory when it is contiguous)."""
+    arr = _output_words(out, msg)
     msg.data = framing.placeholder(index)
     return arr
+
+
+def write_output(out: torch.Tensor, msg: roi_pb2.Tensor, decoded: DecodedRequest) -> None:
+    """Writes ``out`` (CPU) into ``decoded``'s output region, sets ``msg`` to its dtype, shape
+    and a reference to the bytes written, and releases the region's view."""
+    assert decoded.output_view is not None and decoded.output_region is not None
+    arr = _output_words(out, msg)
+    # One copy, from the kernel's output into the region: the kernel writes its batch's
+    # output (the results of several requests, on the device under CUDA), of which this
+    # result is a slice (converted to out_dtype where asked), so the region cannot be it.
+    if arr.nbytes:
+        decoded.output_view[:] = memoryview(arr).cast("B")
+    decoded.release()
+    ref = decoded.output_region
+    msg.shared_memory.CopyFrom(roi_pb2.SharedMemoryRef(region=ref.region, offset=ref.offset, byte_size=arr.nbytes))

@@ -83,6 +83,8 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
         ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
     ]
+    import json, os  # EXPERIMENT
+    options += [tuple(x) for x in json.loads(os.environ.get("ROI_EXTRA_GRPC", "[]"))]  # EXPERIMENT
     if settings.max_connection_age_s > 0:
         options += [
             ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
@@ -239,18 +241,20 @@ class RoIServer:
         self.settings = settings
         self.metrics = ServiceMetrics()
         self.health = DrainingHealthServicer()
+        self.shared_memory = SharedMemoryRegistry(settings.allow_shared_memory, settings.shared_memory_prefix, self.metrics)
+        self.shm_service = SharedMemoryService(
+            self.shared_memory,
+            tokens_required=bool(settings.auth_token or settings.auth_token_file),
+            note_arrival=self._note_arrival,
+        )
         self.service = RoIService(
             Limits(settings.max_boxes, settings.max_output_elements, settings.max_message_bytes),
             self.metrics,
             # A stream keeps at most this many of its requests in the server; never more than
             # the queue holds, so that one busy stream alone is slowed down, not refused.
             stream_window=min(max(2 * settings.max_batch_requests, 16), settings.max_queue),
-        )
-        self.shared_memory = SharedMemoryRegistry(settings.allow_shared_memory, settings.shared_memory_prefix, self.metrics)
-        self.shm_service = SharedMemoryService(
-            self.shared_memory,
-            tokens_required=bool(settings.auth_token or settings.auth_token_file),
-            note_arrival=self._note_arrival,
+            # Requests name the regions their caller registered through these methods.
+            shared_memory=self.shm_service,
         )
         self.engine = None
         self.batcher: DynamicBatcher | None = None
@@ -323,6 +327,8 @@ class RoIServer:
         from .engine import device_name
 
         device = str(self.engine.device)
+        # Read before the batcher starts: it gives this thread a count of its own (see there).
+        threads = self.engine.num_threads
         self.batcher = DynamicBatcher(
             self.engine,
             BatchPolicy(
@@ -331,6 +337,7 @@ class RoIServer:
                 max_batch_bytes=s.max_batch_bytes,
                 max_wait_s=s.max_wait_ms / 1000.0,
                 max_queue=s.max_queue,
+                inline_max_samples=s.inline_max_samples,
             ),
             self.metrics,
         )
@@ -351,7 +358,7 @@ class RoIServer:
             device_name=device_name(self.engine.device),
             ops=tuple(op for op in ("roi_align", "roi_pool", "ps_roi_align", "ps_roi_pool", "roi_align_rotated", "multiscale_roi_align") if op in ops),
             torch_version=torch.__version__,
-            threads=self.engine.num_threads,
+            threads=threads,
             limits=limits,
         )
         self.service.set_ready(self.batcher, info)

@@ -4,6 +4,9 @@ The methods are registered with raw-bytes (de)serializers: gRPC hands over the m
 and :mod:`roi_client.framing` parses them here without copying a tensor (the maps the kernels
 read are views of those bytes); a response is its header and the output's memory joined once.
 Large messages are handled on a thread, so that one does not stall every other connection.
+Tensors a request gives in shared memory are views of the caller's regions (see
+:mod:`roi_server.shm`), and a result asked into an output region is written there: the
+response then carries its dtype, shape and reference, and no data.
 
 Error handling lives in one place, :meth:`RoIService._answer`: what a request ends in is turned
 into its status by :func:`~roi_server.errors.status_of`, counted, and sent (as the RPC's status
@@ -18,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -34,9 +37,14 @@ from .codec import (
     decode_request,
     output_payload,
     peek_header,
+    shared_memory_bytes,
+    write_output,
 )
 from .errors import InvalidArgument, ServiceError, Unavailable, status_of
 from .metrics import ServiceMetrics
+
+if TYPE_CHECKING:
+    from .shm_service import SharedMemoryService
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +75,14 @@ class RoIService:
         limits: Limits,
         metrics: ServiceMetrics,
         stream_window: int = 128,
+        shared_memory: SharedMemoryService | None = None,
     ) -> None:
+        """``shared_memory``: the registry and the callers of the shared memory methods
+        (None: requests that name shared memory are refused)."""
         self.limits = limits
         self.metrics = metrics
         self.stream_window = stream_window
+        self.shared_memory = shared_memory
         self.batcher: DynamicBatcher | None = None
         self.info: ServerInfo | None = None
         self._available: frozenset[str] = frozenset()
@@ -121,7 +133,7 @@ class RoIService:
 
     async def pool(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         deadline = _deadline(context)
-        answer = await self._answer(raw, deadline, in_stream=False)
+        answer = await self._answer(raw, deadline, in_stream=False, owner=self._owner(context))
         if isinstance(answer, tuple):
             code, message = answer
             await context.abort(code, message)
@@ -131,13 +143,14 @@ class RoIService:
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         deadline = _deadline(context)
+        owner = self._owner(context)
         answers: asyncio.Queue[bytes | None] = asyncio.Queue()
         window = asyncio.Semaphore(self.stream_window)
         tasks: set[asyncio.Task] = set()
 
         async def one(raw: bytes) -> None:
             try:
-                answer = await self._answer(raw, deadline, in_stream=True)
+                answer = await self._answer(raw, deadline, in_stream=True, owner=owner)
                 assert isinstance(answer, bytes)
                 await answers.put(answer)
             finally:
@@ -222,16 +235,23 @@ class RoIService:
 
     # -- one request --------------------------------------------------------------------------
 
-    async def _answer(self, raw: bytes, deadline: float | None, in_stream: bool) -> bytes | tuple[grpc.StatusCode, str]:
+    def _owner(self, context: grpc.aio.ServicerContext) -> str:
+        return self.shared_memory.owner(context) if self.shared_memory is not None else ""
+
+    async def _answer(
+        self, raw: bytes, deadline: float | None, in_stream: bool, owner: str = ""
+    ) -> bytes | tuple[grpc.StatusCode, str]:
         """Handles one request from its bytes to its response's bytes. Returns the serialised
         PoolResponse (PoolStreamResponse in a stream), or for a failed unary call the status to
-        abort with. Counts the request in the metrics whatever it ends in."""
+        abort with. Counts the request in the metrics whatever it ends in. ``owner`` is the
+        caller, whose shared memory regions the request may name."""
         m = self.metrics
         start = time.perf_counter()
         self.last_arrival = time.monotonic()
         self._enter()
         m.received_bytes.inc(len(raw))
         op, code, req_id = "unknown", grpc.StatusCode.OK, ""
+        decoded: DecodedRequest | None = None
         try:
             if self._closing.is_set() or self.batcher is None or self.batcher.full:
                 # Refused before parsing: under overload a refusal must cost far less than
@@ -246,8 +266,10 @@ class RoIService:
             req, frame = await self._off_loop(len(raw), _parse, raw)
             req_id = req.id
             op = OP_NAMES.get(req.op, "unknown")
-            decoded: DecodedRequest = await self._off_loop(
-                len(raw), decode_request, req, self.limits, self._available, frame
+            registry = self.shared_memory.registry if self.shared_memory is not None else None
+            # Tensors in shared memory cost no copy unless misaligned, when they are copied.
+            decoded = await self._off_loop(
+                len(raw) + shared_memory_bytes(req), decode_request, req, self.limits, self._available, frame, registry, owner
             )
             remaining = None if deadline is None else deadline - time.perf_counter()
             result = await self.batcher.submit(decoded, remaining)
@@ -272,8 +294,12 @@ class RoIService:
             m.sent_bytes.inc(len(answer))
             return answer
         finally:
-            m.requests.labels(op=op, code=code.name).inc()
-            m.request_duration.labels(op=op).observe(time.perf_counter() - start)
+            # The output region's view is let go at once, whatever the request ended in: it
+            # keeps the region mapped (if unregistered meanwhile) for as long as it lives.
+            if decoded is not None:
+                decoded.release()
+            m.child(m.requests, op, code.name).inc()
+            m.child(m.request_duration, op).observe(time.perf_counter() - start)
             self._leave()
 
     async def _off_loop(self, nbytes: int, fn: Callable[..., T], *args: Any) -> T:
@@ -325,11 +351,16 @@ def _parse(raw: bytes) -> tuple[roi_pb2.PoolRequest, framing.Frame]:
 
 def _encode_response(decoded: DecodedRequest, result: BatchResult, start: float, in_stream: bool) -> bytes:
     # The header is built by protobuf with a placeholder for the output's data, which
-    # framing.serialize replaces by the output's memory: the one copy of the output.
+    # framing.serialize replaces by the output's memory: the one copy of the output. With an
+    # output region, that copy goes into the region instead and the message has no payload.
     outer = roi_pb2.PoolStreamResponse(id=decoded.id) if in_stream else None
     resp = outer.response if outer is not None else roi_pb2.PoolResponse()
     resp.id = decoded.id
-    payload = output_payload(result.output, resp.output)
+    if decoded.output_view is not None:
+        write_output(result.output, resp.output, decoded)
+        payloads = []
+    else:
+        payloads = [output_payload(result.output, resp.output)]
     t = resp.timings
     t.queue_seconds = result.queue_s
     t.compute_seconds = result.compute_s
@@ -337,4 +368,4 @@ def _encode_response(decoded: DecodedRequest, result: BatchResult, start: float,
     t.batch_requests = result.batch_requests
     t.batch_boxes = result.batch_boxes
     t.total_seconds = time.perf_counter() - start
-    return framing.serialize(outer if outer is not None else resp, [payload])
+    return framing.serialize(outer if outer is not None else resp, payloads)
