@@ -10,7 +10,7 @@ from .aio import AsyncRoIClient
 from .client import RoIClient
 from .errors import RoIError
 from .memory import reuse_freed_memory
-from .request import EncodedRequest
+from .request import EncodedRequest, RequestDraft
 from .results import PoolResult, ServerInfo, Timings
 
 __version__ = "0.1.0"
@@ -19,6 +19,7 @@ __all__ = [
     "AsyncRoIClient",
     "EncodedRequest",
     "PoolResult",
+    "RequestDraft",
     "RoIClient",
     "RoIError",
     "ServerInfo",

@@ -24,10 +24,12 @@ from .channel import (
     health_status,
     tls_options,
 )
+from .client import borrow_failed, one_address
 from .errors import RoIError
 from .op_methods import UNSET, OpMethods
-from .request import EncodedRequest
+from .request import EncodedRequest, RequestDraft
 from .results import PoolResult, ServerInfo
+from .shm import DEFAULT_MIN_BYTES, DEFAULT_PREFIX, AsyncSharedMemory, SharedMemoryRegion
 
 
 class AsyncRoIClient(OpMethods):
@@ -35,8 +37,10 @@ class AsyncRoIClient(OpMethods):
     as ``async with AsyncRoIClient(...) as client``, from one event loop.
 
     The op methods encode the request when called (on the caller's thread) and return an
-    awaitable of the result. The constructor's arguments (TLS files, ``token``, ...) are
-    :class:`~roi_client.RoIClient`'s.
+    awaitable of the result; with ``shared_memory``, a request with tensors for a region is
+    written into it when awaited. The constructor's arguments (TLS files, ``token``,
+    ``shared_memory``, ...) are :class:`~roi_client.RoIClient`'s; ``client.shared_memory`` is
+    an :class:`~roi_client.shm.AsyncSharedMemory`.
     """
 
     def __init__(
@@ -54,7 +58,11 @@ class AsyncRoIClient(OpMethods):
         tls_key: PemSource | None = None,
         tls_server_name: str | None = None,
         token: str | None = None,
+        shared_memory: bool = False,
+        shared_memory_prefix: str = DEFAULT_PREFIX,
+        shared_memory_min_bytes: int = DEFAULT_MIN_BYTES,
     ) -> None:
+        one_address(target, shared_memory)
         self.target = channel_target(target)
         self.timeout = timeout
         self._metadata = call_metadata(token)
@@ -68,8 +76,16 @@ class AsyncRoIClient(OpMethods):
         self._stream = self._channel.stream_stream(POOL_STREAM)
         self._describe = self._channel.unary_unary(DESCRIBE)
         self._health = self._channel.unary_unary(HEALTH_CHECK)
+        self.shared_memory = (
+            AsyncSharedMemory(self._channel, self._metadata, timeout, shared_memory_prefix, min_bytes=shared_memory_min_bytes)
+            if shared_memory
+            else None
+        )
 
     async def close(self) -> None:
+        # The regions are unregistered (and the lease ended) while the channel is still open.
+        if self.shared_memory is not None:
+            await self.shared_memory.close()
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncRoIClient:
@@ -80,6 +96,40 @@ class AsyncRoIClient(OpMethods):
 
     def _timeout(self, timeout: Any) -> float | None:
         return self.timeout if timeout is UNSET else timeout
+
+    def _run(self, draft: RequestDraft, timeout: Any) -> Any:
+        shm = self.shared_memory
+        nbytes = draft.region_bytes(shm.min_bytes) if shm is not None and shm.available else 0
+        if not nbytes:
+            return self.pool(draft.encode(), timeout=timeout)
+        return self._run_shared(draft, nbytes, timeout)
+
+    async def _run_shared(self, draft: RequestDraft, nbytes: int, timeout: Any) -> Any:
+        shm = self.shared_memory
+        assert shm is not None
+        try:
+            region = await shm.borrow(nbytes)
+        except RoIError as err:
+            if not borrow_failed(err):
+                raise
+            region = None
+        if region is None:
+            return await self.pool(draft.encode(), timeout=timeout)
+        return await self._pool_in(draft, region, timeout)
+
+    async def _pool_in(self, draft: RequestDraft, region: SharedMemoryRegion, timeout: Any) -> Any:
+        shm = self.shared_memory
+        assert shm is not None
+        try:
+            result = await self.pool_with_timings(draft.encode_into(region, shm.min_bytes), timeout=timeout)
+        except BaseException as exc:
+            # As RoIClient's: a region a failed (or cancelled) call used is not reused.
+            await shm.discard(region)
+            if isinstance(exc, RoIError) and shm.turned_off(exc):
+                return await self.pool(draft.encode(), timeout=timeout)
+            raise
+        shm.settle(result.output, region)
+        return result.output
 
     async def pool_with_timings(self, request: EncodedRequest, *, timeout: float | None = UNSET) -> PoolResult:
         try:
@@ -98,22 +148,22 @@ class AsyncRoIClient(OpMethods):
         timeout: float | None = UNSET,
     ) -> AsyncIterator[PoolResult]:
         """As :meth:`RoIClient.pool_stream`; ``requests`` may be an async iterable."""
-        as_torch: dict[str, bool] = {}
+        sent: dict[str, EncodedRequest] = {}
 
         async def payloads() -> AsyncIterator[bytes]:
             if isinstance(requests, AsyncIterable):
                 async for r in requests:
-                    as_torch[r.id] = r.as_torch
+                    sent[r.id] = r.without_payload()
                     yield r.payload
             else:
                 for r in requests:
-                    as_torch[r.id] = r.as_torch
+                    sent[r.id] = r.without_payload()
                     yield r.payload
 
         call = self._stream(payloads(), timeout=self._timeout(timeout), metadata=self._metadata)
         try:
             async for raw in call:
-                yield results.decode_stream_response(raw, as_torch)
+                yield results.decode_stream_response(raw, sent)
         except grpc.RpcError as exc:
             raise RoIError.from_rpc_error(exc) from None
         finally:

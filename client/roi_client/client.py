@@ -26,8 +26,24 @@ from .channel import (
 )
 from .errors import RoIError
 from .op_methods import UNSET, OpMethods
-from .request import EncodedRequest
+from .request import EncodedRequest, RequestDraft
 from .results import PoolResult, ServerInfo
+from .shm import DEFAULT_MIN_BYTES, DEFAULT_PREFIX, SharedMemory, SharedMemoryRegion
+
+
+def one_address(target: str | Sequence[str], shared_memory: bool) -> None:
+    """Shared memory is for one server on this host: a client balanced over several refuses it."""
+    if shared_memory and not isinstance(target, str) and len(target) != 1:
+        raise RoIError.invalid_argument(
+            "shared_memory: needs one server, on this host (several addresses were given); use one client per server"
+        )
+
+
+def borrow_failed(err: RoIError) -> bool:
+    """A region that could not be had for this call: /dev/shm is full, or the server holds as
+    many regions as it takes (results pin theirs while they live). The call uses the wire."""
+    return err.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
 
 class RoIClient(OpMethods):
     """RoI ops on a remote server, with the arguments of the ``roi_kernels`` functions::
@@ -55,6 +71,16 @@ class RoIClient(OpMethods):
         tls_server_name: the name the server's certificate must carry, when it is not the
             target's host (for example a target given as an IP address).
         token: bearer token sent with every call (``authorization: Bearer <token>``).
+        shared_memory: for a server on this host started with ``--allow-shared-memory``:
+            the op methods write tensors of ``shared_memory_min_bytes`` or more into POSIX
+            shared memory regions registered with the server, instead of the message, and
+            have large results written into a region too (a numpy result is then a read-only
+            view of its region, which stays out of the pool while the result lives). Where
+            the server refuses, the calls use the wire (logged once). The regions are
+            ``client.shared_memory`` (:class:`~roi_client.shm.SharedMemory`).
+            ``pool``/``pool_stream`` send their prepared requests as they are.
+        shared_memory_prefix: the server's ``--shared-memory-prefix``.
+        shared_memory_min_bytes: tensors below this travel in the message.
     """
 
     def __init__(
@@ -72,7 +98,11 @@ class RoIClient(OpMethods):
         tls_key: PemSource | None = None,
         tls_server_name: str | None = None,
         token: str | None = None,
+        shared_memory: bool = False,
+        shared_memory_prefix: str = DEFAULT_PREFIX,
+        shared_memory_min_bytes: int = DEFAULT_MIN_BYTES,
     ) -> None:
+        one_address(target, shared_memory)
         self.target = channel_target(target)
         self.timeout = timeout
         self._metadata = call_metadata(token)
@@ -88,10 +118,18 @@ class RoIClient(OpMethods):
         self._stream = self._channel.stream_stream(POOL_STREAM)
         self._describe = self._channel.unary_unary(DESCRIBE)
         self._health = self._channel.unary_unary(HEALTH_CHECK)
+        self.shared_memory = (
+            SharedMemory(self._channel, self._metadata, timeout, shared_memory_prefix, min_bytes=shared_memory_min_bytes)
+            if shared_memory
+            else None
+        )
 
     # -- life cycle ---------------------------------------------------------------------------
 
     def close(self) -> None:
+        # The regions are unregistered (and the lease ended) while the channel is still open.
+        if self.shared_memory is not None:
+            self.shared_memory.close()
         self._channel.close()
 
     def __enter__(self) -> RoIClient:
@@ -103,10 +141,42 @@ class RoIClient(OpMethods):
     def _timeout(self, timeout: Any) -> float | None:
         return self.timeout if timeout is UNSET else timeout
 
+    def _run(self, draft: RequestDraft, timeout: Any) -> Any:
+        shm = self.shared_memory
+        if shm is not None:
+            nbytes = draft.region_bytes(shm.min_bytes)
+            try:
+                region = shm.borrow(nbytes) if nbytes else None
+            except RoIError as err:
+                if not borrow_failed(err):
+                    raise
+                region = None
+            if region is not None:
+                return self._run_shared(draft, region, timeout)
+        return self.pool(draft.encode(), timeout=timeout)
+
+    def _run_shared(self, draft: RequestDraft, region: SharedMemoryRegion, timeout: Any) -> Any:
+        shm = self.shared_memory
+        assert shm is not None
+        try:
+            result = self.pool_with_timings(draft.encode_into(region, shm.min_bytes), timeout=timeout)
+        except BaseException as exc:
+            # Not reused: a call that failed on this side (a deadline) may still be running,
+            # and the server would write its result into whatever the region held next.
+            shm.discard(region)
+            if isinstance(exc, RoIError) and shm.turned_off(exc):
+                return self.pool(draft.encode(), timeout=timeout)
+            raise
+        shm.settle(result.output, region)
+        return result.output
+
     # -- general calls ------------------------------------------------------------------------
 
     def pool_with_timings(self, request: EncodedRequest, *, timeout: float | None = UNSET) -> PoolResult:
-        """Sends a prepared request; returns its output and the server's timings."""
+        """Sends a prepared request; returns its output and the server's timings. A request
+        with an output region (:meth:`EncodedRequest.with_output_region`) has its result read
+        from the region: a numpy result views it, and the caller keeps the region while it
+        uses the result."""
         try:
             raw = self._pool(request.payload, timeout=self._timeout(timeout), metadata=self._metadata)
         except grpc.RpcError as exc:
@@ -121,17 +191,17 @@ class RoIClient(OpMethods):
         """Sends requests on one stream; yields a :class:`PoolResult` for each as it is ready
         (not necessarily in order: match them by ``id``, see ``EncodedRequest.with_id``).
         A failed request yields a result with ``error`` set; a failed stream raises."""
-        as_torch: dict[str, bool] = {}
+        sent: dict[str, EncodedRequest] = {}
 
         def payloads() -> Iterator[bytes]:
             for r in requests:
-                as_torch[r.id] = r.as_torch
+                sent[r.id] = r.without_payload()
                 yield r.payload
 
         call = self._stream(payloads(), timeout=self._timeout(timeout), metadata=self._metadata)
         try:
             for raw in call:
-                yield results.decode_stream_response(raw, as_torch)
+                yield results.decode_stream_response(raw, sent)
         except grpc.RpcError as exc:
             raise RoIError.from_rpc_error(exc) from None
         finally:

@@ -1,13 +1,14 @@
 """The op methods, shared by :class:`~roi_client.RoIClient` and
-:class:`~roi_client.AsyncRoIClient`: each encodes its request and hands it to ``self.pool``,
-whose result (an array, or an awaitable of one) it returns."""
+:class:`~roi_client.AsyncRoIClient`: each builds its request and hands it to ``self._run``
+(which sends it through shared memory or the wire), whose result (an array, or an awaitable
+of one) it returns."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-from .request import EncodedRequest, SizeLike
+from .request import EncodedRequest, RequestDraft, SizeLike
 
 # "The client's default timeout", distinct from None (no deadline).
 UNSET: Any = object()
@@ -16,6 +17,9 @@ UNSET: Any = object()
 class OpMethods:
     def pool(self, request: EncodedRequest, *, timeout: float | None = UNSET) -> Any:
         raise NotImplementedError
+
+    def _run(self, draft: RequestDraft, timeout: Any) -> Any:
+        return self.pool(draft.encode(), timeout=timeout)
 
     # -- ops ----------------------------------------------------------------------------------
 
@@ -35,10 +39,10 @@ class OpMethods:
     ) -> Any:
         """``input``: ``[N, C, H, W]`` or a list of ``[C, H_i, W_i]``; ``boxes``: ``[K, 5]`` or
         a list of ``[L_i, 4]``. Returns ``[K, C, PH, PW]``."""
-        req = EncodedRequest.roi_align(
+        req = RequestDraft.roi_align(
             input, boxes, output_size, spatial_scale, sampling_ratio, aligned, pool_mode, out_dtype=out_dtype, wire_dtype=wire_dtype
         )
-        return self.pool(req, timeout=timeout)
+        return self._run(req, timeout)
 
     def roi_pool(
         self,
@@ -51,8 +55,8 @@ class OpMethods:
         wire_dtype: Any = None,
         timeout: float | None = UNSET,
     ) -> Any:
-        req = EncodedRequest.roi_pool(input, boxes, output_size, spatial_scale, out_dtype=out_dtype, wire_dtype=wire_dtype)
-        return self.pool(req, timeout=timeout)
+        req = RequestDraft.roi_pool(input, boxes, output_size, spatial_scale, out_dtype=out_dtype, wire_dtype=wire_dtype)
+        return self._run(req, timeout)
 
     def ps_roi_align(
         self,
@@ -66,10 +70,10 @@ class OpMethods:
         wire_dtype: Any = None,
         timeout: float | None = UNSET,
     ) -> Any:
-        req = EncodedRequest.ps_roi_align(
+        req = RequestDraft.ps_roi_align(
             input, boxes, output_size, spatial_scale, sampling_ratio, out_dtype=out_dtype, wire_dtype=wire_dtype
         )
-        return self.pool(req, timeout=timeout)
+        return self._run(req, timeout)
 
     def ps_roi_pool(
         self,
@@ -82,8 +86,8 @@ class OpMethods:
         wire_dtype: Any = None,
         timeout: float | None = UNSET,
     ) -> Any:
-        req = EncodedRequest.ps_roi_pool(input, boxes, output_size, spatial_scale, out_dtype=out_dtype, wire_dtype=wire_dtype)
-        return self.pool(req, timeout=timeout)
+        req = RequestDraft.ps_roi_pool(input, boxes, output_size, spatial_scale, out_dtype=out_dtype, wire_dtype=wire_dtype)
+        return self._run(req, timeout)
 
     def roi_align_rotated(
         self,
@@ -100,10 +104,10 @@ class OpMethods:
     ) -> Any:
         """``rois``: ``[K, 6]`` (image index, cx, cy, w, h, angle in degrees) or a list of
         ``[L_i, 5]``."""
-        req = EncodedRequest.roi_align_rotated(
+        req = RequestDraft.roi_align_rotated(
             input, rois, output_size, spatial_scale, sampling_ratio, aligned, out_dtype=out_dtype, wire_dtype=wire_dtype
         )
-        return self.pool(req, timeout=timeout)
+        return self._run(req, timeout)
 
     def multiscale_roi_align(
         self,
@@ -123,7 +127,7 @@ class OpMethods:
     ) -> Any:
         """``features``: FPN maps ``[N, C, H_l, W_l]``, finest first; ``image_sizes``: each
         image's (height, width), from which the server infers the level scales."""
-        req = EncodedRequest.multiscale_roi_align(
+        req = RequestDraft.multiscale_roi_align(
             features,
             boxes,
             image_sizes,
@@ -136,5 +140,5 @@ class OpMethods:
             out_dtype=out_dtype,
             wire_dtype=wire_dtype,
         )
-        return self.pool(req, timeout=timeout)
+        return self._run(req, timeout)
 

@@ -3,13 +3,21 @@
 :class:`EncodedRequest` holds a serialised ``roi.v1.PoolRequest``: building one copies the
 tensors into the message, sending it again costs nothing more. Its constructors take the same
 arguments as the ``roi_kernels`` functions, with numpy arrays or torch tensors.
+
+:class:`RequestDraft` is the same request before it is serialised: a client using shared memory
+writes its large tensors into a region instead of the message (:meth:`RequestDraft.encode_into`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
+
+if TYPE_CHECKING:
+    from typing import Self
+
+    from .shm import SharedMemoryRegion
 
 import numpy as np
 
@@ -28,6 +36,7 @@ OPS: dict[str, int] = {
     "multiscale_roi_align": roi_pb2.OP_MULTISCALE_ROI_ALIGN,
 }
 _POOL_MODES = {"avg": roi_pb2.POOL_MODE_AVG, "max": roi_pb2.POOL_MODE_MAX}
+_POSITION_SENSITIVE = ("ps_roi_align", "ps_roi_pool")
 
 
 def _pair(output_size: SizeLike) -> tuple[int, int]:
@@ -57,13 +66,23 @@ def _wire_dtype(dtype: Any) -> int | None:
         raise RoIError.invalid_argument(str(exc)) from None
 
 
-def _encode(x: Any, msg: roi_pb2.Tensor, name: str, payloads: list, wire_dtype: int | None = None) -> None:
-    """Writes ``x``'s dtype and shape into ``msg``, and appends its data to ``payloads``
+class _Parts:
+    """The Tensors of a request being built, and their payloads: ``payloads[i]`` is what
+    replaces the placeholder ``i`` in ``tensors[i].data``."""
+
+    def __init__(self) -> None:
+        self.tensors: list[roi_pb2.Tensor] = []
+        self.payloads: list[Any] = []
+
+
+def _encode(x: Any, msg: roi_pb2.Tensor, name: str, parts: _Parts, wire_dtype: int | None = None) -> None:
+    """Writes ``x``'s dtype and shape into ``msg``, and appends its data to ``parts``
     (framing.serialize writes it into the message, the one copy the client makes)."""
     try:
-        payloads.append(codec.tensor_payload(x, wire_dtype, msg, len(payloads)))
+        parts.payloads.append(codec.tensor_payload(x, wire_dtype, msg, len(parts.payloads)))
     except (TypeError, ValueError) as exc:
         raise RoIError.invalid_argument(f"{name}: {exc}") from None
+    parts.tensors.append(msg)
 
 
 def _is_sequence_of_arrays(x: Any) -> bool:
@@ -75,44 +94,30 @@ def _box_wire_dtype(b: Any) -> int:
     return roi_pb2.DTYPE_FLOAT64 if dtype in ("float64", "torch.float64") else roi_pb2.DTYPE_FLOAT32
 
 
-def _encode_boxes(boxes: Any, msg: roi_pb2.Boxes, payloads: list) -> int:
+def _encode_boxes(boxes: Any, msg: roi_pb2.Boxes, parts: _Parts) -> int:
     """Boxes as ``rois`` (one array with the image index first) or ``per_image`` (a list);
     float64 stays float64, anything else travels as float32. Returns the box count."""
     if _is_sequence_of_arrays(boxes):
         count = 0
         per_image = msg.per_image
         for i, b in enumerate(boxes):
-            _encode(b, per_image.boxes.add(), f"boxes[{i}]", payloads, _box_wire_dtype(b))
+            _encode(b, per_image.boxes.add(), f"boxes[{i}]", parts, _box_wire_dtype(b))
             count += int(b.shape[0]) if len(b.shape) else 0
         if not boxes:
             msg.per_image.SetInParent()
         return count
-    _encode(boxes, msg.rois, "boxes", payloads, _box_wire_dtype(boxes))
+    _encode(boxes, msg.rois, "boxes", parts, _box_wire_dtype(boxes))
     shape = msg.rois.shape
     return int(shape[0]) if len(shape) else 0
 
 
-@dataclass(frozen=True)
-class EncodedRequest:
-    """A serialised PoolRequest and what the client needs to read its answer."""
+class _Constructors:
+    """The constructors of a request, one per op (the arguments of the roi_kernels functions),
+    for :class:`EncodedRequest` and :class:`RequestDraft`."""
 
-    op: str
-    payload: bytes
-    num_boxes: int
-    as_torch: bool = False
-    id: str = ""
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.payload)
-
-    def with_id(self, request_id: str) -> EncodedRequest:
-        """The same request with another id, without re-encoding it: a protobuf message
-        followed by another is their merge, and the later id wins."""
-        extra = roi_pb2.PoolRequest(id=request_id).SerializeToString()
-        return replace(self, payload=self.payload + extra, id=request_id)
-
-    # -- constructors, one per op (the arguments of the roi_kernels functions) --------------
+    @classmethod
+    def _finish(cls, draft: RequestDraft) -> Any:
+        raise NotImplementedError
 
     @classmethod
     def build(
@@ -133,7 +138,7 @@ class EncodedRequest:
         out_dtype: Any = None,
         wire_dtype: Any = None,
         id: str = "",
-    ) -> EncodedRequest:
+    ) -> Self:
         """The general form: ``input`` is ``[N, C, H, W]`` or a list of ``[C, H_i, W_i]``
         (ragged, roi_align); ``features`` the FPN levels for multiscale_roi_align.
         ``wire_dtype`` is the dtype the maps travel and are computed in (default: theirs);
@@ -162,12 +167,12 @@ class EncodedRequest:
             req.out_dtype = _wire_dtype(out_dtype)
 
         as_torch = False
-        payloads: list = []
+        parts = _Parts()
         if features is not None:
             levels = list(features)
             as_torch = bool(levels) and codec.is_torch_tensor(levels[0])
             for i, f in enumerate(levels):
-                _encode(f, req.pyramid.levels.add().map, f"features[{i}]", payloads, wire)
+                _encode(f, req.pyramid.levels.add().map, f"features[{i}]", parts, wire)
             for h, w in image_sizes or ():
                 req.pyramid.image_sizes.add(height=int(h), width=int(w))
             if not levels:
@@ -176,14 +181,15 @@ class EncodedRequest:
             maps = list(input)
             as_torch = bool(maps) and codec.is_torch_tensor(maps[0])
             for i, m in enumerate(maps):
-                _encode(m, req.ragged.maps.add(), f"input[{i}]", payloads, wire)
+                _encode(m, req.ragged.maps.add(), f"input[{i}]", parts, wire)
             if not maps:
                 req.ragged.SetInParent()
         else:
             as_torch = codec.is_torch_tensor(input)
-            _encode(input, req.input, "input", payloads, wire)
-        num_boxes = _encode_boxes(boxes, req.boxes, payloads)
-        return cls(op=op, payload=framing.serialize(req, payloads), num_boxes=num_boxes, as_torch=as_torch, id=id)
+            _encode(input, req.input, "input", parts, wire)
+        num_boxes = _encode_boxes(boxes, req.boxes, parts)
+        draft = RequestDraft(op, req, tuple(parts.tensors), tuple(parts.payloads), num_boxes, as_torch)
+        return cls._finish(draft)
 
     @classmethod
     def roi_align(
@@ -196,7 +202,7 @@ class EncodedRequest:
         aligned: bool = False,
         pool_mode: str = "avg",
         **options: Any,
-    ) -> EncodedRequest:
+    ) -> Self:
         return cls.build(
             "roi_align",
             input=input,
@@ -210,7 +216,7 @@ class EncodedRequest:
         )
 
     @classmethod
-    def roi_pool(cls, input: Any, boxes: Any, output_size: SizeLike, spatial_scale: float = 1.0, **options: Any) -> EncodedRequest:
+    def roi_pool(cls, input: Any, boxes: Any, output_size: SizeLike, spatial_scale: float = 1.0, **options: Any) -> Self:
         return cls.build("roi_pool", input=input, boxes=boxes, output_size=output_size, spatial_scale=spatial_scale, **options)
 
     @classmethod
@@ -222,7 +228,7 @@ class EncodedRequest:
         spatial_scale: float = 1.0,
         sampling_ratio: int = -1,
         **options: Any,
-    ) -> EncodedRequest:
+    ) -> Self:
         return cls.build(
             "ps_roi_align",
             input=input,
@@ -234,7 +240,7 @@ class EncodedRequest:
         )
 
     @classmethod
-    def ps_roi_pool(cls, input: Any, boxes: Any, output_size: SizeLike, spatial_scale: float = 1.0, **options: Any) -> EncodedRequest:
+    def ps_roi_pool(cls, input: Any, boxes: Any, output_size: SizeLike, spatial_scale: float = 1.0, **options: Any) -> Self:
         return cls.build("ps_roi_pool", input=input, boxes=boxes, output_size=output_size, spatial_scale=spatial_scale, **options)
 
     @classmethod
@@ -247,7 +253,7 @@ class EncodedRequest:
         sampling_ratio: int = -1,
         aligned: bool = True,
         **options: Any,
-    ) -> EncodedRequest:
+    ) -> Self:
         return cls.build(
             "roi_align_rotated",
             input=input,
@@ -272,7 +278,7 @@ class EncodedRequest:
         canonical_level: int = 4,
         pool_mode: str = "avg",
         **options: Any,
-    ) -> EncodedRequest:
+    ) -> Self:
         """The level scales are inferred by the server from ``image_sizes``, as torchvision's
         ``MultiScaleRoIAlign`` does."""
         return cls.build(
@@ -288,3 +294,137 @@ class EncodedRequest:
             pool_mode=pool_mode,
             **options,
         )
+
+
+@dataclass(frozen=True)
+class EncodedRequest(_Constructors):
+    """A serialised PoolRequest and what the client needs to read its answer.
+
+    ``output_region`` (with ``output_offset``) is the shared memory region the request asks
+    its result into (:meth:`with_output_region`), where the answer's output is read."""
+
+    op: str
+    payload: bytes
+    num_boxes: int
+    as_torch: bool = False
+    id: str = ""
+    output_region: SharedMemoryRegion | None = None
+    output_offset: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.payload)
+
+    @classmethod
+    def _finish(cls, draft: RequestDraft) -> EncodedRequest:
+        return draft.encode()
+
+    def with_id(self, request_id: str) -> EncodedRequest:
+        """The same request with another id, without re-encoding it: a protobuf message
+        followed by another is their merge, and the later id wins."""
+        extra = roi_pb2.PoolRequest(id=request_id).SerializeToString()
+        return replace(self, payload=self.payload + extra, id=request_id)
+
+    def without_payload(self) -> EncodedRequest:
+        """What reading the answer needs, without the message (kept per request of a stream)."""
+        return replace(self, payload=b"")
+
+    def with_output_region(self, region: SharedMemoryRegion, offset: int, byte_size: int) -> EncodedRequest:
+        """The same request with its result written into ``byte_size`` bytes from ``offset``
+        of ``region`` (registered with the server), appended as :meth:`with_id` appends an id."""
+        extra = roi_pb2.PoolRequest(output_region=region.ref(offset, byte_size)).SerializeToString()
+        return replace(self, payload=self.payload + extra, output_region=region, output_offset=offset)
+
+
+@dataclass(frozen=True)
+class RequestDraft(_Constructors):
+    """A PoolRequest built but not serialised: ``tensors[i].data`` holds framing's placeholder
+    for ``payloads[i]`` (the tensor's wire words, the caller's memory where it could be).
+    :meth:`encode` writes every payload into the message, for the wire; :meth:`encode_into`
+    writes the large ones into a shared memory region and sends references to them."""
+
+    op: str
+    message: roi_pb2.PoolRequest
+    tensors: tuple[roi_pb2.Tensor, ...]
+    payloads: tuple[Any, ...]
+    num_boxes: int
+    as_torch: bool = False
+
+    @classmethod
+    def _finish(cls, draft: RequestDraft) -> RequestDraft:
+        return draft
+
+    @property
+    def output_nbytes(self) -> int:
+        """The result's size as the server computes it (K * C * PH * PW elements of the out
+        dtype); 0 for a request it will refuse (its error then says why)."""
+        req = self.message
+        kind = req.WhichOneof("features")
+        if kind == "input":
+            first, channel_axis = req.input, 1
+        elif kind == "ragged" and req.ragged.maps:
+            first, channel_axis = req.ragged.maps[0], 0
+        elif kind == "pyramid" and req.pyramid.levels:
+            first, channel_axis = req.pyramid.levels[0].map, 1
+        else:
+            return 0
+        words = codec.WIRE_DTYPES.get(req.out_dtype or first.dtype)
+        if words is None or len(first.shape) <= channel_axis:
+            return 0
+        ph, pw = req.params.pooled_height, req.params.pooled_width
+        channels = first.shape[channel_axis]
+        if self.op in _POSITION_SENSITIVE:
+            channels //= ph * pw
+        return self.num_boxes * channels * ph * pw * words.itemsize
+
+    def encode(self) -> EncodedRequest:
+        """The request with every tensor in the message."""
+        payload = framing.serialize(self.message, self.payloads)
+        return EncodedRequest(self.op, payload, self.num_boxes, self.as_torch, self.message.id)
+
+    def _placement(self, min_bytes: int, output: bool) -> tuple[dict[int, int], int | None, int]:
+        """({payload index: offset} of the payloads of ``min_bytes`` or more, the output's
+        offset (None: it travels in the answer), the bytes they take). Each starts on
+        framing's alignment, as a payload does in a message."""
+        offsets: dict[int, int] = {}
+        end = 0
+        for i, p in enumerate(self.payloads):
+            if p.nbytes >= min_bytes and p.nbytes:
+                offsets[i] = -(-end // framing.ALIGNMENT) * framing.ALIGNMENT
+                end = offsets[i] + p.nbytes
+        output_at = None
+        if output and self.output_nbytes >= min_bytes and self.output_nbytes:
+            output_at = -(-end // framing.ALIGNMENT) * framing.ALIGNMENT
+            end = output_at + self.output_nbytes
+        return offsets, output_at, end
+
+    def region_bytes(self, min_bytes: int, output: bool = True) -> int:
+        """The size of the region :meth:`encode_into` needs (0: nothing is that large)."""
+        return self._placement(min_bytes, output)[2]
+
+    def encode_into(self, region: SharedMemoryRegion, min_bytes: int, output: bool = True) -> EncodedRequest:
+        """The request with its tensors of ``min_bytes`` or more written into ``region`` (of
+        :meth:`region_bytes` at least, registered with the server) and sent as references,
+        and with ``output``, the result asked into it too when it is that large. The draft is
+        left as it was (:meth:`encode` still gives the request for the wire)."""
+        offsets, output_at, end = self._placement(min_bytes, output)
+        if end > region.size:
+            raise RoIError.invalid_argument(f"the request needs {end} bytes of shared memory, {region!r} has {region.size}")
+        kept: list[Any] = []
+        try:
+            for i, (tensor, payload) in enumerate(zip(self.tensors, self.payloads)):
+                if i in offsets:
+                    region.write(payload, offsets[i])
+                    tensor.shared_memory.CopyFrom(region.ref(offsets[i], payload.nbytes))
+                else:
+                    # The placeholders are renumbered: serialize's payloads are those left.
+                    tensor.data = framing.placeholder(len(kept))
+                    kept.append(payload)
+            payload_bytes = framing.serialize(self.message, kept)
+        finally:
+            for i, tensor in enumerate(self.tensors):
+                tensor.data = framing.placeholder(i)
+        request = EncodedRequest(self.op, payload_bytes, self.num_boxes, self.as_torch, self.message.id)
+        if output_at is None:
+            return request
+        return request.with_output_region(region, output_at, region.size - output_at)

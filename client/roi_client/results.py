@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
+
 from . import codec, framing
 from ._proto.roi.v1 import roi_pb2
 from .errors import RoIError
@@ -38,8 +40,9 @@ class Timings:
 @dataclass(frozen=True)
 class PoolResult:
     """One answered request. ``output`` is ``[K, C, PH, PW]`` (numpy: a read-only view of the
-    response; torch when the request's maps were torch tensors), or None with ``error`` set
-    (stream answers only; a unary call raises instead)."""
+    response, or of the shared memory region the result was written into; torch when the
+    request's maps were torch tensors), or None with ``error`` set (stream answers only; a
+    unary call raises instead)."""
 
     id: str
     output: Any
@@ -65,20 +68,41 @@ class ServerInfo:
 
 def decode_response(raw: bytes, request: EncodedRequest) -> PoolResult:
     resp, frame = framing.parse(roi_pb2.PoolResponse, raw)
-    return _result(resp, frame, request.as_torch)
+    return _result(resp, frame, request)
 
 
-def _result(resp: roi_pb2.PoolResponse, frame: framing.Frame, as_torch: bool) -> PoolResult:
-    output = codec.decode_array(resp.output, "output", as_torch=as_torch, data=frame.data(resp.output))
+def _output_in_region(ref: roi_pb2.SharedMemoryRef, request: EncodedRequest | None) -> memoryview:
+    """The bytes of an output the server wrote into the request's output region (read-only,
+    as an output read from a message is)."""
+    region = request.output_region if request is not None else None
+    expected = region is not None and ref.region == region.name and ref.offset == request.output_offset
+    if not expected or ref.offset + ref.byte_size > region.size:
+        asked = f"{region.name!r} at {request.output_offset}" if region is not None else "no output region"
+        raise RoIError(
+            grpc.StatusCode.INTERNAL,
+            f"the server answered with its output in region {ref.region!r} at {ref.offset} "
+            f"({ref.byte_size} bytes); the request asked for {asked}",
+        )
+    return region.buffer[ref.offset : ref.offset + ref.byte_size].toreadonly()
+
+
+def _result(resp: roi_pb2.PoolResponse, frame: framing.Frame, request: EncodedRequest | None) -> PoolResult:
+    if resp.output.WhichOneof("contents") == "shared_memory":
+        data = _output_in_region(resp.output.shared_memory, request)
+    else:
+        data = frame.data(resp.output)
+    as_torch = request is not None and request.as_torch
+    output = codec.decode_array(resp.output, "output", as_torch=as_torch, data=data)
     return PoolResult(id=resp.id, output=output, timings=Timings.from_proto(resp.timings))
 
 
-def decode_stream_response(raw: bytes, as_torch_by_id: Mapping[str, bool]) -> PoolResult:
-    """A stream answer; ``as_torch_by_id`` says, per request id, whether its maps were torch."""
+def decode_stream_response(raw: bytes, requests_by_id: Mapping[str, EncodedRequest]) -> PoolResult:
+    """A stream answer; ``requests_by_id`` holds the requests sent, by id (whether their maps
+    were torch, where their output regions are)."""
     msg, frame = framing.parse(roi_pb2.PoolStreamResponse, raw)
     if msg.WhichOneof("result") == "error":
         return PoolResult(id=msg.id, output=None, timings=None, error=RoIError.from_status(msg.error.code, msg.error.message))
-    return _result(msg.response, frame, as_torch_by_id.get(msg.id, False))
+    return _result(msg.response, frame, requests_by_id.get(msg.id))
 
 
 def decode_describe(raw: bytes) -> ServerInfo:

@@ -124,6 +124,10 @@ class SharedMemoryRegion:
     def ref(self, offset: int, byte_size: int) -> roi_pb2.SharedMemoryRef:
         return roi_pb2.SharedMemoryRef(region=self.name, offset=offset, byte_size=byte_size)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         """Unlinks the object (when this process created it) and unmaps it; numpy views of it
         keep the memory until they are gone."""
@@ -246,6 +250,20 @@ class _Pool:
         weakref.finalize(result, self.give_back, region)
         return result
 
+    def settle(self, output: Any, region: SharedMemoryRegion) -> None:
+        """The region of a call that succeeded: pinned to ``output`` when that is a numpy view
+        of it, given back otherwise (a torch result, a widened bfloat16 one, an output that
+        came in the message)."""
+        views = isinstance(output, np.ndarray) and not region.closed
+        if not (views and np.may_share_memory(output, region.array(np.uint8, (region.size,)))):
+            self.give_back(region)
+            return
+        # Pinned to the first array over the region's memory: numpy makes every view of a
+        # view refer to that one, so a slice of the result that outlives it keeps the region.
+        while isinstance(output.base, np.ndarray):
+            output = output.base
+        self.pin(output, region)
+
     def all_regions(self) -> list[SharedMemoryRegion]:
         with self._lock:
             regions = [r for _, _, r in self._free] + list(self._in_use)
@@ -266,6 +284,13 @@ def _falls_back(err: RoIError) -> bool:
     return err.code == grpc.StatusCode.INVALID_ARGUMENT and "on this host" in err.details
 
 
+def _is_off(err: RoIError) -> bool:
+    """A request refused because the server has shared memory off (it restarted without it
+    since the lease was opened). Other FAILED_PRECONDITIONs of a request (a region truncated
+    after registration) are the caller's errors."""
+    return err.code == grpc.StatusCode.FAILED_PRECONDITION and "shared memory is off" in err.details
+
+
 class _Session:
     """What the blocking and the asyncio manager share: the pool, the fallback, the messages."""
 
@@ -281,6 +306,12 @@ class _Session:
         if not self._warned:
             self._warned = True
             log.warning("shared memory not used, tensors go in messages: %s", reason)
+
+    def turned_off(self, err: RoIError) -> bool:
+        if not _is_off(err):
+            return False
+        self.disable(err.details)
+        return True
 
     def register_request(self, region: SharedMemoryRegion) -> bytes:
         return roi_pb2.RegisterSharedMemoryRequest(
@@ -327,6 +358,11 @@ class SharedMemory:
     def available(self) -> bool:
         """False once the server or this host has refused shared memory."""
         return self._session.disabled_reason is None
+
+    @property
+    def disabled_reason(self) -> str | None:
+        """Why shared memory is not used (the server's or this host's refusal), or None."""
+        return self._session.disabled_reason
 
     @property
     def lease(self) -> str:
@@ -399,6 +435,17 @@ class SharedMemory:
     def pin(self, result: np.ndarray, region: SharedMemoryRegion) -> np.ndarray:
         return self._session.pool.pin(result, region)
 
+    def settle(self, output: Any, region: SharedMemoryRegion) -> None:
+        """After a call that succeeded: ``region`` is pinned to ``output`` when that views it,
+        given back otherwise."""
+        self._session.pool.settle(output, region)
+
+    def turned_off(self, err: RoIError) -> bool:
+        """Whether a request's ``err`` says the server has shared memory off (it restarted
+        without it): the manager turns off too (logged once), and the caller resends on the
+        wire."""
+        return self._session.turned_off(err)
+
     def status(self) -> list[RegionStatus]:
         """This caller's regions as the server sees them."""
         try:
@@ -448,6 +495,7 @@ class AsyncSharedMemory:
 
     min_bytes = SharedMemory.min_bytes
     available = SharedMemory.available
+    disabled_reason = SharedMemory.disabled_reason
     lease = SharedMemory.lease
 
     async def _ensure_lease(self) -> None:
@@ -523,6 +571,9 @@ class AsyncSharedMemory:
 
     def pin(self, result: np.ndarray, region: SharedMemoryRegion) -> np.ndarray:
         return self._session.pool.pin(result, region)
+
+    settle = SharedMemory.settle
+    turned_off = SharedMemory.turned_off
 
     async def status(self) -> list[RegionStatus]:
         try:
