@@ -83,8 +83,6 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
         ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
     ]
-    import json, os  # EXPERIMENT
-    options += [tuple(x) for x in json.loads(os.environ.get("ROI_EXTRA_GRPC", "[]"))]  # EXPERIMENT
     if settings.max_connection_age_s > 0:
         options += [
             ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
