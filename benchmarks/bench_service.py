@@ -15,6 +15,7 @@ For each workload, wire dtype and concurrency:
   (e) the contender: a plain server (benchmarks/plain_server.py), what a user would write
       instead of this project: generated stubs, protobuf parsing, torchvision's op, one request
       at a time. (--no-plain leaves it out.)
+  (f) with --variant NAME=FLAGS, more roi-servers with other flags, in the same windows.
 Each service figure is the median over --repeat measured windows, the servers taking turns
 window by window so that drifts of a shared machine hit both alike. Prints a Markdown table
 and the ratios; --json writes every figure.
@@ -176,6 +177,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="1 s windows, 3 repeats (for a smoke run, not for figures)")
     p.add_argument("--json", help="write every figure here")
     p.add_argument("--no-plain", action="store_true", help="leave the plain-server contender out")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                   help="one more roi-server, with these extra flags, measured in the same windows "
+                        "(e.g. 'worker=--inline-max-samples 0'); repeatable")
     p.add_argument("--malloc", choices=("reuse", "default"), default="reuse",
                    help="this client's and both servers' glibc malloc (roi_client.reuse_freed_memory); "
                         "'default' measures a client that leaves it alone")
@@ -201,6 +205,9 @@ def main() -> None:
                "no batching": start_server([*extra, "--max-batch-requests", "1"], args.threads)}
     if not args.no_plain:
         servers["plain"] = start_server([], args.threads, plain=True)
+    variants = dict(v.partition("=")[::2] for v in args.variant)
+    for vname, flags in variants.items():
+        servers[vname] = start_server([*extra, *flags.split()], args.threads)
     targets = {name: t for name, (_, t) in servers.items()}
     plan = runner.Plan(warmup_s=args.warmup, duration_s=args.duration)
     rows = []
@@ -229,6 +236,10 @@ def main() -> None:
                             row[f"{key}_compute_p50"] = median_of(r, "server", "compute_ms", "p50")
                             row[f"{key}_batch"] = median_of(r, "server", "batch_requests", "mean")
                             row[f"{key}_errors"] = sum(x["error_count"] for x in r)
+                        row["variants"] = {
+                            v: {"rps": median_of(runs[v], "throughput_rps"), "p50": median_of(runs[v], "latency_ms", "p50"),
+                                "p99": median_of(runs[v], "latency_ms", "p99")} for v in variants
+                        }
                         row["runs"] = runs
                         row["batch_gain"] = row["b_rps"] / row["nb_rps"]
                         row["vs_plain"] = row["b_rps"] / row["pl_rps"] if "pl_rps" in row else float("nan")
@@ -256,7 +267,9 @@ def print_row(r: dict) -> None:
           f"(batch {r['b_batch']:.1f}) | off {r['nb_rps']:8.1f}/s p50 {r['nb_p50']:8.2f} p99 {r['nb_p99']:8.2f} | "
           f"x{r['batch_gain']:.2f}, {100 * r['vs_in_process']:.0f}% of in-process, "
           f"{r['over_floor']:.2f}x floor | plain {r.get('pl_rps', float('nan')):8.1f}/s p50 "
-          f"{r.get('pl_p50', float('nan')):8.2f}, ours x{r['vs_plain']:.2f}", flush=True)
+          f"{r.get('pl_p50', float('nan')):8.2f}, ours x{r['vs_plain']:.2f}"
+          + "".join(f" | {v} {x['rps']:8.1f}/s p50 {x['p50']:8.2f} (batching x{r['b_rps'] / x['rps']:.2f})"
+                    for v, x in r["variants"].items()), flush=True)
 
 
 def markdown(rows: list[dict], hardware: str, args) -> str:
@@ -277,6 +290,15 @@ def markdown(rows: list[dict], hardware: str, args) -> str:
             f"{100 * r['vs_in_process']:.0f}% | {r['over_floor']:.2f}x | {r.get('pl_rps', float('nan')):.1f} | "
             f"{r.get('pl_p50', float('nan')):.2f} | {r['vs_plain']:.2f}x |"
         )
+    variants = sorted({v for r in rows for v in r["variants"]})
+    if variants:
+        lines += ["", "| workload | dtype | conc | batching req/s | p50 ms | variant | req/s | p50 ms | batching / variant |",
+                  "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+        for r in rows:
+            for v in variants:
+                x = r["variants"][v]
+                lines.append(f"| {r['workload']} | {r['dtype']} | {r['concurrency']} | {r['b_rps']:.1f} | {r['b_p50']:.2f} | "
+                             f"{v} | {x['rps']:.1f} | {x['p50']:.2f} | {r['b_rps'] / x['rps']:.2f}x |")
     return "\n".join(lines)
 
 
