@@ -21,6 +21,7 @@ examples:
   roi-loadtest localhost:50051 --workload single-level --sweep-concurrency 1,2,4,8,16,32 --plot curve.png
   roi-loadtest host-a:50051 host-b:50051 --op roi_pool --boxes 256 --map 256x50x68 --rate 200
   roi-loadtest localhost:50051 --workload tiny --requests 2000 --json out.json --verify
+  roi-loadtest localhost:50051 --workload fpn-det --shared-memory --concurrency 4
 
 Latency is measured from the moment a request was due: its send in closed loop, its scheduled
 arrival in open loop (so a generator that falls behind cannot hide the server's queueing). The
@@ -103,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="reuse (default): glibc keeps large message buffers for the next call "
                            "(roi_client.reuse_freed_memory; halves this client's share of a call of tens "
                            "of MB); default: glibc as it is, as in a process that does not set it")
+    load.add_argument("--shared-memory", action="store_true",
+                      help="send through shared memory (a server on this host with --allow-shared-memory): "
+                           "each connection writes the request's tensors of 64 KiB or more into a region once, "
+                           "and each call has its result written into a region of its own")
 
     sec = p.add_argument_group("security (as the server is set up)")
     sec.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's root certificates")
@@ -195,7 +200,7 @@ async def _main_async(args, work: wl.Workload, mode: str, steps, say) -> dict:
     from .senders import open_senders
 
     senders, servers, close = await open_senders(args.targets, work, timeout=args.timeout,
-                                                 client_options=_client_options(args))
+                                                 client_options=_client_options(args), shared_memory=args.shared_memory)
     plan = runner.Plan(
         warmup_s=args.warmup,
         duration_s=None if args.requests else (args.duration if args.duration is not None else 5.0),
@@ -259,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     what = {"closed": "closed loop", "open": "open loop (Poisson arrivals)",
             "sweep-concurrency": "closed-loop sweep", "sweep-rate": "open-loop sweep"}[mode]
     window = f"{args.requests} requests" if args.requests else f"{args.duration or 5.0:g} s"
-    say(f"mode: {what}, warm-up {args.warmup:g} s, window {window} per run")
+    via = ", through shared memory" if args.shared_memory else ""
+    say(f"mode: {what}{via}, warm-up {args.warmup:g} s, window {window} per run")
 
     started = time.time()
     try:
@@ -308,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                 "request_payload_bytes": work.input_bytes(), "response_payload_bytes": work.output_bytes(),
             },
             "mode": mode,
+            "shared_memory": args.shared_memory,
             "warmup_s": args.warmup,
             "duration_s": None if args.requests else (args.duration or 5.0),
             "requests": args.requests,
