@@ -616,8 +616,11 @@ def test_compute_histogram_resolves_small_batches(server, seed):
     counts = [c for _, c in buckets]
     per_bucket = [b - a for a, b in zip([0.0, *counts[:-1]], counts)]
     print("compute seconds per bucket:", dict(zip(bounds, per_bucket)))
-    # Resolved: no single bucket holds (almost) all of them.
-    assert max(per_bucket) < 0.9 * total, dict(zip(bounds, per_bucket))
+    # Resolved: the median falls in a bucket that is not the lowest and whose bounds are at
+    # most a factor of 2 apart (small CPU batches run on the event loop, so their times are
+    # close together: they may all share one such bucket).
+    median = next(i for i, c in enumerate(counts) if c >= total / 2)
+    assert median > 0 and bounds[median] <= 2 * bounds[median - 1], dict(zip(bounds, per_bucket))
 
 
 def test_health_and_reflection(server):
