@@ -15,7 +15,9 @@ For each workload, wire dtype and concurrency:
   (e) the contender: a plain server (benchmarks/plain_server.py), what a user would write
       instead of this project: generated stubs, protobuf parsing, torchvision's op, one request
       at a time. (--no-plain leaves it out.)
-  (f) with --variant NAME=FLAGS, more roi-servers with other flags, in the same windows.
+  (f) the batching server through shared memory (--allow-shared-memory; the client's tensors
+      written once into a region, each call's result into one): a client on the same host;
+  (g) with --variant NAME=FLAGS, more roi-servers with other flags, in the same windows.
 Each service figure is the median over --repeat measured windows, the servers taking turns
 window by window so that drifts of a shared machine hit both alike. Prints a Markdown table
 and the ratios; --json writes every figure.
@@ -132,12 +134,13 @@ def as_loadtest(w: workloads.Workload) -> Workload:
     return Workload.from_arrays(w.name, w.op, [m.numpy() for m in w.maps], w.boxes.numpy(), **params)
 
 
-async def measure_service(targets: dict[str, str], work: Workload, concurrency: int, plan: runner.Plan,
+async def measure_service(targets: dict[str, tuple[str, bool]], work: Workload, concurrency: int, plan: runner.Plan,
                           repeat: int) -> dict[str, list[dict]]:
-    """``repeat`` closed-loop windows per server, the servers taking turns."""
+    """``repeat`` closed-loop windows per target (address, through shared memory), the targets
+    taking turns."""
     opened = {}
-    for name, target in targets.items():
-        opened[name] = await open_senders([target], work, timeout=120.0)
+    for name, (target, shm) in targets.items():
+        opened[name] = await open_senders([target], work, timeout=120.0, shared_memory=shm)
     out: dict[str, list[dict]] = {name: [] for name in targets}
     try:
         for _ in range(repeat):
@@ -177,6 +180,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="1 s windows, 3 repeats (for a smoke run, not for figures)")
     p.add_argument("--json", help="write every figure here")
     p.add_argument("--no-plain", action="store_true", help="leave the plain-server contender out")
+    p.add_argument("--no-shared-memory", action="store_true",
+                   help="leave out the batching server's client through shared memory")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
                    help="one more roi-server, with these extra flags, measured in the same windows "
                         "(e.g. 'worker=--inline-max-samples 0'); repeatable")
@@ -201,14 +206,18 @@ def main() -> None:
           f"python {platform.python_version()}")
     print(f"# servers and this client share the host's {os.cpu_count()} cores; windows {args.duration:g} s "
           f"after {args.warmup:g} s warm-up, median of {args.repeat}; malloc {args.malloc}")
-    servers = {"batching": start_server(extra, args.threads),
+    shm = not args.no_shared_memory
+    servers = {"batching": start_server([*extra, "--allow-shared-memory"] if shm else extra, args.threads),
                "no batching": start_server([*extra, "--max-batch-requests", "1"], args.threads)}
     if not args.no_plain:
         servers["plain"] = start_server([], args.threads, plain=True)
     variants = dict(v.partition("=")[::2] for v in args.variant)
     for vname, flags in variants.items():
         servers[vname] = start_server([*extra, *flags.split()], args.threads)
-    targets = {name: t for name, (_, t) in servers.items()}
+    targets = {name: (t, False) for name, (_, t) in servers.items()}
+    if shm:
+        # The batching server again, its client sending through shared memory.
+        targets["shared memory"] = (targets["batching"][0], True)
     plan = runner.Plan(warmup_s=args.warmup, duration_s=args.duration)
     rows = []
     try:
@@ -225,7 +234,7 @@ def main() -> None:
                         wire_ms = wire.median_ms(int(sent), int(received), repeat=max(args.repeat, 5))
                         row = {"workload": name, "dtype": dtype, "concurrency": c, "kernel_ms": kernel_ms,
                                "wire_ms": wire_ms, "request_bytes": sent, "response_bytes": received}
-                        for srv, key in (("batching", "b"), ("no batching", "nb"), ("plain", "pl")):
+                        for srv, key in (("batching", "b"), ("no batching", "nb"), ("plain", "pl"), ("shared memory", "shm")):
                             if srv not in runs:
                                 continue
                             r = runs[srv]
@@ -243,6 +252,7 @@ def main() -> None:
                         row["runs"] = runs
                         row["batch_gain"] = row["b_rps"] / row["nb_rps"]
                         row["vs_plain"] = row["b_rps"] / row["pl_rps"] if "pl_rps" in row else float("nan")
+                        row["shm_vs_in_process"] = row["shm_rps"] * kernel_ms / 1e3 if "shm_rps" in row else float("nan")
                         row["vs_in_process"] = row["b_rps"] * kernel_ms / 1e3
                         # The service's time per request (1 / throughput) over what moving the bytes
                         # and running the kernel cost at the least.
@@ -267,7 +277,9 @@ def print_row(r: dict) -> None:
           f"(batch {r['b_batch']:.1f}) | off {r['nb_rps']:8.1f}/s p50 {r['nb_p50']:8.2f} p99 {r['nb_p99']:8.2f} | "
           f"x{r['batch_gain']:.2f}, {100 * r['vs_in_process']:.0f}% of in-process, "
           f"{r['over_floor']:.2f}x floor | plain {r.get('pl_rps', float('nan')):8.1f}/s p50 "
-          f"{r.get('pl_p50', float('nan')):8.2f}, ours x{r['vs_plain']:.2f}"
+          f"{r.get('pl_p50', float('nan')):8.2f}, ours x{r['vs_plain']:.2f} | shared memory "
+          f"{r.get('shm_rps', float('nan')):8.1f}/s p50 {r.get('shm_p50', float('nan')):8.2f}, "
+          f"{100 * r['shm_vs_in_process']:.0f}% of in-process"
           + "".join(f" | {v} {x['rps']:8.1f}/s p50 {x['p50']:8.2f} (batching x{r['b_rps'] / x['rps']:.2f})"
                     for v, x in r["variants"].items()), flush=True)
 
@@ -278,9 +290,9 @@ def markdown(rows: list[dict], hardware: str, args) -> str:
         "",
         "| workload | dtype | conc | in-process ms | wire floor ms | batching req/s | p50 ms | p99 ms | batch | "
         "no batching req/s | p50 ms | p99 ms | batching gain | service / in-process | per request / (kernel + wire) | "
-        "plain server req/s | p50 ms | ours / plain |",
+        "plain server req/s | p50 ms | ours / plain | shared memory req/s | p50 ms | shared memory / in-process |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-        "| ---: |",
+        "| ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
@@ -288,7 +300,8 @@ def markdown(rows: list[dict], hardware: str, args) -> str:
             f"{r['b_rps']:.1f} | {r['b_p50']:.2f} | {r['b_p99']:.2f} | {r['b_batch']:.1f} | "
             f"{r['nb_rps']:.1f} | {r['nb_p50']:.2f} | {r['nb_p99']:.2f} | {r['batch_gain']:.2f}x | "
             f"{100 * r['vs_in_process']:.0f}% | {r['over_floor']:.2f}x | {r.get('pl_rps', float('nan')):.1f} | "
-            f"{r.get('pl_p50', float('nan')):.2f} | {r['vs_plain']:.2f}x |"
+            f"{r.get('pl_p50', float('nan')):.2f} | {r['vs_plain']:.2f}x | {r.get('shm_rps', float('nan')):.1f} | "
+            f"{r.get('shm_p50', float('nan')):.2f} | {100 * r['shm_vs_in_process']:.0f}% |"
         )
     variants = sorted({v for r in rows for v in r["variants"]})
     if variants:
