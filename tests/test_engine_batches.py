@@ -96,3 +96,52 @@ def test_the_key_keeps_everything_but_the_map_sizes(seed):
     assert c.key == d.key
     d.scales = (0.125, 0.0625, 0.03125)
     assert batch_key(c) != batch_key(d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("op", OPS)
+def test_a_request_alone_writes_its_result_into_its_output_region(seed, op, dtype):
+    """A single request with an output region (a client's shared memory): roi_align's and
+    roi_pool's CPU kernels write the result there (the region is the output's memory), the
+    others' results are equal and copied in afterwards; nothing of the placement outlives the
+    call, and a batch of two never writes into a region."""
+    gen = torch.Generator().manual_seed(seed)
+    r = request(gen, op, 2, 13, 17, dtype, False)
+    while r.num_boxes == 0:
+        r = request(gen, op, 2, 13, 17, dtype, False)
+    want = engine.call_op([r], [r.maps], r.rois)
+    region = bytearray(want.numel() * want.element_size())
+    r.output_view = memoryview(region)
+    eng = engine.KernelEngine(torch.device("cpu"))
+    try:
+        got = eng.launch([r]).outputs[0]
+        assert_same_bits(got, want)
+        written = torch.frombuffer(region, dtype=torch.uint8).view(dtype).view(want.shape)
+        writes_in_place = op in ("roi_align", "roi_pool", "multiscale_roi_align")
+        assert (got.data_ptr() == written.data_ptr()) is writes_in_place
+        if writes_in_place:
+            assert_same_bits(written, want)
+        # The next output is the kernels' own again.
+        again = engine.call_op([r], [r.maps], r.rois)
+        assert again.data_ptr() != written.data_ptr()
+        # Two requests: one output for both, never a region.
+        other = request(gen, op, 1, 13, 17, dtype, False)
+        both = eng.launch([r, other]).outputs
+        assert all(o.data_ptr() != written.data_ptr() for o in both)
+    finally:
+        eng.close()
+
+
+def test_a_placement_that_does_not_fit_is_dropped(seed):
+    gen = torch.Generator().manual_seed(seed)
+    r = request(gen, "roi_align", 1, 9, 9, torch.float32, False)
+    wrong = torch.zeros(7)
+    torch.ops.roi_kernels._place_output(wrong)
+    try:
+        out = engine.call_op([r], [r.maps], r.rois)
+        assert out.data_ptr() != wrong.data_ptr() and bool((wrong == 0).all())
+        assert engine.call_op([r], [r.maps], r.rois).data_ptr() != wrong.data_ptr()
+    finally:
+        torch.ops.roi_kernels._place_output(None)
+    with pytest.raises(RuntimeError, match="contiguous CPU tensor"):
+        torch.ops.roi_kernels._place_output(torch.zeros(4, 4).t())

@@ -82,7 +82,9 @@ ALL = [
 def test_every_registered_op_is_checked():
     checked = {samples(op, torch.float32, "contiguous", False)[0].name().split("::")[1] for op in ALL}
     registered = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("roi_kernels::")}
-    assert checked == registered
+    # _place_output is the server's hook into the CPU output allocation, not an op with
+    # results (tests/test_engine_batches.py checks it).
+    assert checked == registered - {"_place_output"}
 
 
 @pytest.mark.parametrize("lay", LAYOUTS)

@@ -567,10 +567,12 @@ def write_output(out: torch.Tensor, msg: roi_pb2.Tensor, decoded: DecodedRequest
     and a reference to the bytes written, and releases the region's view."""
     assert decoded.output_view is not None and decoded.output_region is not None
     arr = _output_words(out, msg)
-    # One copy, from the kernel's output into the region: the kernel writes its batch's
-    # output (the results of several requests, on the device under CUDA), of which this
-    # result is a slice (converted to out_dtype where asked), so the region cannot be it.
-    if arr.nbytes:
+    # A request alone in its batch, on the CPU, had its result written into the region by
+    # the kernel (engine.output_region_tensor): nothing to copy. Otherwise one copy, from the
+    # kernel's output into the region: that output is the batch's (several requests'
+    # results, on the device under CUDA), of which this result is a slice (converted to
+    # out_dtype where asked).
+    if arr.nbytes and arr.ctypes.data != np.frombuffer(decoded.output_view, np.uint8).ctypes.data:
         decoded.output_view[:] = memoryview(arr).cast("B")
     decoded.release()
     ref = decoded.output_region

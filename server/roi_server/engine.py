@@ -151,6 +151,21 @@ def call_op(reqs: Sequence[DecodedRequest], maps: Sequence[Sequence[torch.Tensor
     return getattr(ops, r.op + "_ragged")(images, rois, *args)
 
 
+def output_region_tensor(reqs: Sequence[DecodedRequest]) -> torch.Tensor | None:
+    """The client's output region as the tensor the kernel may write its result into, for a
+    batch of one request that asked for its result there in the dtype it is computed in (the
+    output of a larger batch holds several requests' results; one in another dtype is a
+    conversion anyway). The roi_align and roi_pool kernels then write straight into the
+    region (the ``_place_output`` op); the others allocate as usual and the result is copied
+    into it."""
+    if len(reqs) != 1:
+        return None
+    r = reqs[0]
+    if r.output_view is None or r.out_dtype != r.dtype or r.num_boxes == 0:
+        return None
+    return torch.frombuffer(r.output_view, dtype=torch.uint8).view(r.dtype)
+
+
 def split_output(out: torch.Tensor, reqs: Sequence[DecodedRequest]) -> list[torch.Tensor]:
     parts = out.split([r.num_boxes for r in reqs], dim=0) if len(reqs) > 1 else [out]
     return [p if p.dtype == r.out_dtype else p.to(r.out_dtype) for p, r in zip(parts, reqs)]
@@ -235,10 +250,18 @@ class KernelEngine:
     # -- batches ----------------------------------------------------------------------------
 
     def launch(self, reqs: Sequence[DecodedRequest]) -> Launched:
-        """Runs on the worker thread. Raises what the op raises."""
+        """Runs on the worker thread (or for a small CPU batch, the event loop). Raises what the
+        op raises."""
         if not self._is_cuda:
             start = time.perf_counter()
-            out = call_op(reqs, [r.maps for r in reqs], _offset_rois(reqs))
+            region = output_region_tensor(reqs)
+            if region is not None:
+                torch.ops.roi_kernels._place_output(region)
+            try:
+                out = call_op(reqs, [r.maps for r in reqs], _offset_rois(reqs))
+            finally:
+                if region is not None:
+                    torch.ops.roi_kernels._place_output(None)
             outputs = split_output(out, reqs)
             return Launched(reqs, outputs=outputs, compute_s=time.perf_counter() - start)
         return self._launch_cuda(reqs)

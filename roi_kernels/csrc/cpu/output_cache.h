@@ -7,6 +7,12 @@
 // ROI_KERNELS_OUTPUT_CACHE_MB megabytes (default 512; 0 turns it off); buffers smaller
 // than 1 MB go to the ordinary allocator. Every element of an output is written by the
 // kernels, so a reused buffer needs no clearing.
+//
+// It is also where a caller can hand the kernels the memory to write into: place(buffer)
+// makes the next output this thread allocates `buffer` itself, when that output has exactly
+// its dtype and element count (the server passes a client's shared memory region, so that
+// the result is written there and never copied). A placement serves at most one output and
+// is dropped when the next one does not match.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -25,10 +31,23 @@ class OutputCache {
     return *cache;
   }
 
+  // `buffer`: contiguous, on the CPU; undefined clears a placement.
+  static void place(const at::Tensor& buffer) {
+    placed() = buffer;
+  }
+
   at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
     int64_t numel = 1;
     for (int64_t s : sizes) {
       numel *= s;
+    }
+    if (placed().defined()) {
+      at::Tensor buffer = std::move(placed());
+      placed() = at::Tensor();
+      if (buffer.numel() == numel && buffer.scalar_type() == options.dtype().toScalarType() &&
+          buffer.is_contiguous() && buffer.device().is_cpu()) {
+        return buffer.view(sizes);
+      }
     }
     const size_t bytes = static_cast<size_t>(numel) * options.dtype().itemsize();
     if (capacity_ == 0 || bytes < kMinBytes || bytes > capacity_) {
@@ -44,6 +63,11 @@ class OutputCache {
 
  private:
   static constexpr size_t kMinBytes = size_t(1) << 20;
+
+  static at::Tensor& placed() {
+    static thread_local at::Tensor buffer;
+    return buffer;
+  }
 
   OutputCache() {
     const char* env = std::getenv("ROI_KERNELS_OUTPUT_CACHE_MB");
