@@ -46,6 +46,9 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from fuzz_requests import (
+    FUZZ_REGION,
+    FUZZ_REGION_BYTES,
+    GONE_REGION,
     POOL_METHOD,
     POOL_STREAM_METHOD,
     FuzzCase,
@@ -57,15 +60,18 @@ from fuzz_requests import (
     status_code,
 )
 from roi_client import EncodedRequest
+from roi_client.shm import SharedMemoryRegion
 from roi_client._proto.roi.v1 import roi_pb2
 from server_process import Server, start_server
 
 STREAM_GROUP = 32
 # Caps below roi-server's defaults, so that the cases over them are frequent (many boxes,
 # absurd output sizes, messages over 1 MiB); the valid cases stay far below them.
-DEFAULT_SERVER_ARGS = "--max-boxes 1024 --max-output-elements 2097152 --max-message-bytes 1048576"
+DEFAULT_SERVER_ARGS = (
+    "--max-boxes 1024 --max-output-elements 2097152 --max-message-bytes 1048576 --allow-shared-memory"
+)
 MAX_PRINTED = 20
-OUTCOMES = ("OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "violation")
+OUTCOMES = ("OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "violation")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,6 +161,26 @@ def generate(
         stop.set()
     finally:
         out.put(None)
+
+
+def register_regions(channel: grpc.Channel) -> list[SharedMemoryRegion]:
+    """The regions the cases' shared memory references name: FUZZ_REGION, of random floats,
+    and GONE_REGION, registered and unregistered again (requests naming it must be refused as
+    unknown). A server with shared memory off refuses them: its cases are refused alike."""
+    rng = np.random.default_rng(0)
+    live = SharedMemoryRegion.create(FUZZ_REGION_BYTES)
+    live.write(rng.standard_normal(FUZZ_REGION_BYTES // 4).astype(np.float32))
+    gone = SharedMemoryRegion.create(4096)
+    register = channel.unary_unary("/roi.v1.RoIService/RegisterSharedMemory")
+    unregister = channel.unary_unary("/roi.v1.RoIService/UnregisterSharedMemory")
+    try:
+        for name, region in ((FUZZ_REGION, live), (GONE_REGION, gone)):
+            register(roi_pb2.RegisterSharedMemoryRequest(region=name, key=region.key, byte_size=region.size)
+                     .SerializeToString(), timeout=10)  # fmt: skip
+        unregister(roi_pb2.UnregisterSharedMemoryRequest(region=GONE_REGION).SerializeToString(), timeout=10)
+    except grpc.RpcError as exc:
+        print(f"shared memory not registered ({exc.code().name}): its references are refused", file=sys.stderr)
+    return [live, gone]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,6 +404,7 @@ def main() -> int:
         grpc.channel_ready_future(channel).result(timeout=30)
         if health_status(channel) != "SERVING":
             raise RuntimeError(f"the server is not SERVING before the run: {health_status(channel)}")
+        regions = register_regions(channel)
         producer = threading.Thread(
             target=generate,
             args=(args.cases, run_seed, args.stream_share, work, stop, tally.problem),
@@ -451,6 +478,8 @@ def main() -> int:
         stop.set()
         channel.close()
         server.stop()
+        for region in locals().get("regions", []):
+            region.close()
     server_errors = None
     if server.log_path is not None:
         server_errors = sum(

@@ -421,6 +421,38 @@ def _m_map_tensor(draw, d: _Draft) -> str | None:
     return "map_" + _break_tensor(draw, msg, where)
 
 
+# Shared memory references. benchmarks/fuzz_service.py registers FUZZ_REGION (filled with
+# random floats) and registers then unregisters GONE_REGION before it sends; elsewhere (a
+# server with shared memory off) every reference is refused alike.
+FUZZ_REGION = "fuzz-region"
+GONE_REGION = "fuzz-gone"
+FUZZ_REGION_BYTES = 1 << 20
+
+
+def _m_shared_memory(draw, d: _Draft) -> str | None:
+    """A map or box tensor's bytes replaced by a reference into a region: registered or not,
+    in bounds or past the end, of the right size or not; or an output region."""
+    tensors = _map_messages(d) + _box_messages(d)
+    if not tensors:
+        return None
+    where, msg = draw(st.sampled_from(tensors))
+    nbytes = len(msg.data)
+    region = draw(st.sampled_from([FUZZ_REGION, FUZZ_REGION, FUZZ_REGION, GONE_REGION, "fuzz-never", ""]))
+    offset = draw(st.sampled_from([0, 64, 4, FUZZ_REGION_BYTES - 8, FUZZ_REGION_BYTES, 2**63, 2**64 - 1]))
+    size = draw(st.sampled_from([nbytes, nbytes, 0, nbytes + 4, FUZZ_REGION_BYTES, 2**64 - 1]))
+    msg.shared_memory.CopyFrom(roi_pb2.SharedMemoryRef(region=region, offset=offset, byte_size=size))
+    if draw(st.integers(0, 3)) == 0:
+        d.req.output_region.CopyFrom(
+            roi_pb2.SharedMemoryRef(
+                region=draw(st.sampled_from([FUZZ_REGION, GONE_REGION, "fuzz-never"])),
+                offset=draw(st.sampled_from([0, 8, FUZZ_REGION_BYTES - 16, 2**63])),
+                byte_size=draw(st.sampled_from([0, 16, FUZZ_REGION_BYTES, 2**64 - 1])),
+            )
+        )
+        return f"shm_ref@{where}+output"
+    return f"shm_ref@{where}"
+
+
 def _m_box_tensor(draw, d: _Draft) -> str | None:
     boxes = _box_messages(d)
     if not boxes:
@@ -754,6 +786,7 @@ MUTATORS: dict[str, Callable[[Any, _Draft], str | None]] = {
     "image_index": _m_image_index,
     "extra_box_lists": _m_extra_box_lists,
     "many_boxes": _m_many_boxes,
+    "shared_memory": _m_shared_memory,
 }
 
 
@@ -1076,12 +1109,17 @@ def classify(case: FuzzCase, code: grpc.StatusCode, message: str, response: byte
             raise Violation(
                 f"result dtype {wire.dtype_name(resp.output.dtype)}, expected {wire.dtype_name(dtype)}"
             )
-        if len(resp.output.data) != math.prod(shape) * ITEMSIZE[dtype]:
-            raise Violation(f"result holds {len(resp.output.data)} bytes for shape {list(shape)}")
+        held = (
+            resp.output.shared_memory.byte_size if resp.output.HasField("shared_memory") else len(resp.output.data)
+        )
+        if held != math.prod(shape) * ITEMSIZE[dtype]:
+            raise Violation(f"result holds {held} bytes for shape {list(shape)}")
         if resp.id != case.request.id:
             raise Violation(f"result id {resp.id!r}, expected {case.request.id!r}")
         return "OK"
-    if code not in REFUSALS:
+    # A reference to shared memory may also find it off, or its region shrunk.
+    shm = any(k.startswith("shm_ref") for k in case.mutations)
+    if code not in REFUSALS and not (shm and code == grpc.StatusCode.FAILED_PRECONDITION):
         raise Violation(f"status {code.name}: {message!r}")
     if case.valid and code == grpc.StatusCode.INVALID_ARGUMENT:
         raise Violation(f"a valid request was refused: {message!r}")
