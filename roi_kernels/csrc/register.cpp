@@ -7,9 +7,9 @@
 
 TORCH_LIBRARY(roi_kernels, m) {
   ROI_KERNELS_DEFINE_SCHEMAS(m);
-  // Not part of the ops' API (hence the underscore): the next CPU output of roi_align (all
-  // its forms) or roi_pool (all its forms) that the calling thread allocates is `buffer`,
-  // when it has that output's dtype and element count (cpu/output_cache.h). None clears it.
+  // Not part of the ops' API (hence the underscore): the next CPU output of an op that the
+  // calling thread allocates is `buffer`, when it has that output's dtype and element count
+  // (cpu/output_cache.h). None clears it.
   m.def("_place_output(Tensor? buffer) -> ()", [](const std::optional<at::Tensor>& buffer) {
     TORCH_CHECK(
         !buffer || (buffer->device().is_cpu() && buffer->is_contiguous()),

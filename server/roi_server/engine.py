@@ -155,9 +155,8 @@ def output_region_tensor(reqs: Sequence[DecodedRequest]) -> torch.Tensor | None:
     """The client's output region as the tensor the kernel may write its result into, for a
     batch of one request that asked for its result there in the dtype it is computed in (the
     output of a larger batch holds several requests' results; one in another dtype is a
-    conversion anyway). The roi_align and roi_pool kernels then write straight into the
-    region (the ``_place_output`` op); the others allocate as usual and the result is copied
-    into it."""
+    conversion anyway). The CPU kernels then write straight into the region (the
+    ``_place_output`` op)."""
     if len(reqs) != 1:
         return None
     r = reqs[0]

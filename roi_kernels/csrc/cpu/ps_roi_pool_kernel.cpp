@@ -17,6 +17,7 @@
 #include "../map_set.h"
 #include "../roi_math.h"
 #include "images.h"
+#include "output_cache.h"
 
 namespace roi_kernels {
 namespace {
@@ -115,7 +116,7 @@ at::Tensor run(
   checks::check_batch_index(rois, s.num_images, "boxes");
   const at::Tensor r = checks::rois_for_kernel(rois, first.scalar_type());
   const int64_t channels_out = s.channels / bins;
-  at::Tensor out = at::empty({r.size(0), channels_out, pooled_height, pooled_width}, first.options());
+  at::Tensor out = cpu::OutputCache::get().empty({r.size(0), channels_out, pooled_height, pooled_width}, first.options());
   if (out.numel() == 0) {
     return out;
   }
