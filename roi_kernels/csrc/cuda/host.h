@@ -88,6 +88,19 @@ inline DeviceImages describe_images(const MapSet& s) {
   return d;
 }
 
+// Calls go(input, images) with what a one-map kernel reads: the single map's data and view
+// (kSingle: the single-map op's arithmetic), or no single input and the image table of a
+// ragged batch (kept alive until go has queued the launch).
+template <typename scalar_t, typename Go>
+void with_images(const MapSet& s, Go&& go) {
+  if (s.select == MapSelect::kSingle) {
+    go(s.first().const_data_ptr<scalar_t>(), map_view(s.first()));
+  } else {
+    const DeviceImages images = describe_images(s);
+    go(static_cast<const scalar_t*>(nullptr), images.table);
+  }
+}
+
 }  // namespace cuda
 }  // namespace roi_kernels
 

@@ -61,12 +61,7 @@ at::Tensor run(
           channels_out,
           out.mutable_data_ptr<scalar_t>());
     };
-    if (s.select == MapSelect::kSingle) {
-      go(first.const_data_ptr<scalar_t>(), cuda::map_view(first));
-    } else {
-      const cuda::DeviceImages images = cuda::describe_images(s);
-      go(nullptr, images.table);
-    }
+    cuda::with_images<scalar_t>(s, go);
   });
   return out;
 }

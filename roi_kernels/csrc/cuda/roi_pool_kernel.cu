@@ -44,12 +44,7 @@ at::Tensor run(
           input, images, rois_acc.const_data_ptr<acc_t>(), num_boxes, channels, spatial_scale, pooled_height,
           pooled_width, channels_last, out.mutable_data_ptr<scalar_t>());
     };
-    if (s.select == MapSelect::kSingle) {
-      go(first.const_data_ptr<scalar_t>(), cuda::map_view(first));
-    } else {
-      const cuda::DeviceImages images = cuda::describe_images(s);
-      go(nullptr, images.table);
-    }
+    cuda::with_images<scalar_t>(s, go);
   });
   return out;
 }
