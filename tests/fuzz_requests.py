@@ -791,13 +791,15 @@ MUTATORS: dict[str, Callable[[Any, _Draft], str | None]] = {
 
 
 # Damage to the serialised bytes.
-def _varint(value: int) -> bytes:
+def _varint(value: int, width: int = 0) -> bytes:
+    """``value`` as a varint (two's complement in 64 bits), padded to ``width`` bytes with
+    continuation bytes (an overlong but valid encoding) when that is more than it needs."""
     out = bytearray()
     value &= (1 << 64) - 1
     while True:
         byte = value & 0x7F
         value >>= 7
-        if value:
+        if value or len(out) + 1 < width:
             out.append(byte | 0x80)
         else:
             out.append(byte)
@@ -882,25 +884,10 @@ MUTATION_KINDS = (
 # that makes any request that large.
 
 
-def overlong_varint(value: int, width: int = 0) -> bytes:
-    """``value`` as a varint, padded to ``width`` bytes with continuation bytes (an
-    overlong but valid encoding) when ``width`` is larger than it needs."""
-    out = bytearray()
-    value &= (1 << 64) - 1
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value or len(out) + 1 < width:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def wire_field(number: int, wire_type: int, body: bytes = b"", *, key_width: int = 0, len_width: int = 0) -> bytes:
-    key = overlong_varint((number << 3) | wire_type, key_width)
+    key = _varint((number << 3) | wire_type, key_width)
     if wire_type == 2:
-        return key + overlong_varint(len(body), len_width) + body
+        return key + _varint(len(body), len_width) + body
     return key + body
 
 
