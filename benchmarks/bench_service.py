@@ -134,10 +134,18 @@ def as_loadtest(w: workloads.Workload) -> Workload:
     return Workload.from_arrays(w.name, w.op, [m.numpy() for m in w.maps], w.boxes.numpy(), **params)
 
 
+def cpu_seconds(pid: int) -> float:
+    """The process's user + system CPU time so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def measure_service(targets: dict[str, tuple[str, bool]], work: Workload, concurrency: int, plan: runner.Plan,
-                          repeat: int) -> dict[str, list[dict]]:
+                          repeat: int, pids: dict[str, int]) -> dict[str, list[dict]]:
     """``repeat`` closed-loop windows per target (address, through shared memory), the targets
-    taking turns."""
+    taking turns. Each window also gets ``server_cpu_ms_per_request``: the server process's
+    (``pids``) CPU time over the warm-up and the window, over the requests of both (counted at
+    the window's rate: the warm-up's are not recorded)."""
     opened = {}
     for name, (target, shm) in targets.items():
         opened[name] = await open_senders([target], work, timeout=120.0, shared_memory=shm)
@@ -145,9 +153,14 @@ async def measure_service(targets: dict[str, tuple[str, bool]], work: Workload, 
     try:
         for _ in range(repeat):
             for name, (senders, _, _) in opened.items():
+                cpu_before = cpu_seconds(pids[name])
                 res = await runner.closed_loop(senders, concurrency, plan)
-                out[name].append(stats.summarize(res.records, window_start=res.window_start,
-                                                 window_end=res.window_end, mode="closed", concurrency=concurrency))
+                cpu = cpu_seconds(pids[name]) - cpu_before
+                summary = stats.summarize(res.records, window_start=res.window_start,
+                                          window_end=res.window_end, mode="closed", concurrency=concurrency)
+                sent = summary["throughput_rps"] * (plan.warmup_s + plan.duration_s)
+                summary["server_cpu_ms_per_request"] = 1e3 * cpu / sent if sent else float("nan")
+                out[name].append(summary)
     finally:
         for _, _, close in opened.values():
             await close()
@@ -215,9 +228,11 @@ def main() -> None:
     for vname, flags in variants.items():
         servers[vname] = start_server([*extra, *flags.split()], args.threads)
     targets = {name: (t, False) for name, (_, t) in servers.items()}
+    pids = {name: proc.pid for name, (proc, _) in servers.items()}
     if shm:
         # The batching server again, its client sending through shared memory.
         targets["shared memory"] = (targets["batching"][0], True)
+        pids["shared memory"] = pids["batching"]
     plan = runner.Plan(warmup_s=args.warmup, duration_s=args.duration)
     rows = []
     try:
@@ -228,7 +243,7 @@ def main() -> None:
                     kernel_ms = median_ms(in_process_fn(w), max(args.repeat, 5))
                     work = as_loadtest(w)
                     for c in conc.get(name, [1]):
-                        runs = asyncio.run(measure_service(targets, work, c, plan, args.repeat))
+                        runs = asyncio.run(measure_service(targets, work, c, plan, args.repeat, pids))
                         sent = median_of(runs["batching"], "sent_bytes_per_request")
                         received = median_of(runs["batching"], "received_bytes_per_request")
                         wire_ms = wire.median_ms(int(sent), int(received), repeat=max(args.repeat, 5))
@@ -244,6 +259,7 @@ def main() -> None:
                             row[f"{key}_queue_p50"] = median_of(r, "server", "queue_ms", "p50")
                             row[f"{key}_compute_p50"] = median_of(r, "server", "compute_ms", "p50")
                             row[f"{key}_batch"] = median_of(r, "server", "batch_requests", "mean")
+                            row[f"{key}_cpu_ms"] = median_of(r, "server_cpu_ms_per_request")
                             row[f"{key}_errors"] = sum(x["error_count"] for x in r)
                         row["variants"] = {
                             v: {"rps": median_of(runs[v], "throughput_rps"), "p50": median_of(runs[v], "latency_ms", "p50"),
@@ -303,6 +319,13 @@ def markdown(rows: list[dict], hardware: str, args) -> str:
             f"{r.get('pl_p50', float('nan')):.2f} | {r['vs_plain']:.2f}x | {r.get('shm_rps', float('nan')):.1f} | "
             f"{r.get('shm_p50', float('nan')):.2f} | {100 * r['shm_vs_in_process']:.0f}% |"
         )
+    cols = [("batching", "b"), ("no batching", "nb"), ("plain server", "pl"), ("shared memory", "shm")]
+    lines += ["", "Server CPU time per request, ms (the server process's user + system time over its windows):", "",
+              "| workload | dtype | conc | " + " | ".join(c for c, _ in cols) + " |",
+              "| --- | --- | ---: | " + " | ".join("---:" for _ in cols) + " |"]
+    for r in rows:
+        lines.append(f"| {r['workload']} | {r['dtype']} | {r['concurrency']} | "
+                     + " | ".join(f"{r.get(k + '_cpu_ms', float('nan')):.3f}" for _, k in cols) + " |")
     variants = sorted({v for r in rows for v in r["variants"]})
     if variants:
         lines += ["", "| workload | dtype | conc | batching req/s | p50 ms | variant | req/s | p50 ms | batching / variant |",
