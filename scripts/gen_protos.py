@@ -1,4 +1,5 @@
-"""Regenerates the committed Python code for protos/roi/v1/*.proto.
+"""Regenerates the committed Python code for protos/**/*.proto (roi.v1, and inference: the
+Open Inference Protocol).
 
     python scripts/gen_protos.py            # rewrite client/roi_client/_proto/
     python scripts/gen_protos.py --check    # exit 1 if the committed files are stale (CI)
@@ -6,7 +7,8 @@
 
 The code is generated with grpc_tools' bundled protoc (the `test` extra pins grpcio-tools), and
 its imports are rewritten to be package-relative, so that the distribution installs
-`roi_client._proto.roi.v1` and no top-level `roi` module that could clash with another package.
+`roi_client._proto.roi.v1` and `roi_client._proto.inference`, and no top-level `roi` or
+`inference` module that could clash with another package.
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ def proto_files() -> list[Path]:
 
 
 def _rewrite_imports(text: str) -> str:
-    # protoc writes `from roi.v1 import roi_pb2 as ...` for imports between our own protos;
-    # google.protobuf imports stay absolute.
+    # protoc writes `from roi.v1 import roi_pb2 as ...` (and `from inference import ...`) for
+    # imports of our own protos; google.protobuf imports stay absolute.
     return re.sub(
-        r"^from (roi(?:\.\w+)*) import ",
+        r"^from ((?:roi|inference)(?:\.\w+)*) import ",
         lambda m: f"from {PACKAGE}.{m.group(1)} import ",
         text,
         flags=re.MULTILINE,

@@ -34,6 +34,8 @@ from .batcher import BatchPolicy, DynamicBatcher
 from .codec import Limits
 from .health import DrainingHealthServicer
 from .metrics import MetricsHTTPServer, ServiceMetrics
+from .oip import SERVICE_NAME as OIP_SERVICE_NAME
+from .oip import OIPService
 from .service import SERVICE_NAME, RoIService, ServerInfo
 from .settings import Settings
 from .shm import SharedMemoryRegistry
@@ -254,6 +256,8 @@ class RoIServer:
             # Requests name the regions their caller registered through these methods.
             shared_memory=self.shm_service,
         )
+        # The Open Inference Protocol, over the same batcher, limits, metrics and regions.
+        self.oip = OIPService(self.service, self.shm_service, self.metrics, stream_window=self.service.stream_window)
         self.engine = None
         self.batcher: DynamicBatcher | None = None
         self.port = 0
@@ -284,11 +288,12 @@ class RoIServer:
         _check_port_free(s.host, s.port, "gRPC", "--port", "ROI_PORT")
 
         server = grpc.aio.server(interceptors=build_interceptors(s, self.service), options=grpc_options(s))
-        server.add_generic_rpc_handlers((self.service.handler(), self.shm_service.handler()))
+        server.add_generic_rpc_handlers((self.service.handler(), self.shm_service.handler(), self.oip.handler()))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
                 roi_pb2.DESCRIPTOR.services_by_name["RoIService"].full_name,
+                OIP_SERVICE_NAME,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -396,6 +401,7 @@ class RoIServer:
         if self.engine is not None:
             self.engine.close()
         self.service.close()
+        self.oip.close()
         self.shared_memory.close()
         if self._metrics_http is not None:
             self._metrics_http.close()
@@ -413,8 +419,9 @@ class RoIServer:
         # cancelling whatever runs past ``grace``.
         started = time.monotonic()
         self.service.begin_shutdown()
+        self.oip.begin_shutdown()
         try:
-            await asyncio.wait_for(self.service.wait_idle(), timeout=grace)
+            await asyncio.wait_for(asyncio.gather(self.service.wait_idle(), self.oip.wait_idle()), timeout=grace)
         except TimeoutError:
             pass
         # Calls that were on their way keep arriving for a moment; they too get a clean
@@ -433,7 +440,7 @@ class RoIServer:
         # Leases end now, with every request answered, not after the transport's grace.
         self.shm_service.end_leases()
         await self._grpc.stop(max(0.0, grace - (time.monotonic() - started)))
-        if not self.service.idle:
+        if not (self.service.idle and self.oip.idle):
             log.warning("grace period over with requests still running; they were cancelled")
 
     async def wait_stopped(self) -> None:
