@@ -9,6 +9,7 @@ and out (torch where installed). Imports without torch.
 from .aio import AsyncRoIClient
 from .client import RoIClient
 from .errors import RoIError
+from .features import AsyncFeatureMaps, FeatureHandleGone, FeatureMaps
 from .memory import reuse_freed_memory
 from .request import EncodedRequest, RequestDraft
 from .results import PoolResult, ServerInfo, Timings
@@ -16,8 +17,11 @@ from .results import PoolResult, ServerInfo, Timings
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncFeatureMaps",
     "AsyncRoIClient",
     "EncodedRequest",
+    "FeatureHandleGone",
+    "FeatureMaps",
     "PoolResult",
     "RequestDraft",
     "RoIClient",

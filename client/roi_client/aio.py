@@ -7,6 +7,7 @@ from typing import Any
 
 import grpc
 
+from . import features as _features
 from . import results
 from .channel import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -66,12 +67,16 @@ class AsyncRoIClient(OpMethods):
         self.target = channel_target(target)
         self.timeout = timeout
         self._metadata = call_metadata(token)
+        self._max_message_bytes = max_message_bytes
+        self._upload_limit: int | None = None
         creds = channel_credentials(tls, tls_ca, tls_cert, tls_key, credentials)
         opts = channel_options(max_message_bytes, max_attempts) + tls_options(tls_server_name) + list(options)
         if creds is None:
             self._channel = grpc.aio.insecure_channel(self.target, options=opts)
         else:
             self._channel = grpc.aio.secure_channel(self.target, creds, options=opts)
+        self._upload = self._channel.stream_unary(_features.UPLOAD)
+        self._release = self._channel.unary_unary(_features.RELEASE)
         self._pool = self._channel.unary_unary(POOL)
         self._stream = self._channel.stream_stream(POOL_STREAM)
         self._describe = self._channel.unary_unary(DESCRIBE)
@@ -170,11 +175,70 @@ class AsyncRoIClient(OpMethods):
             call.cancel()
 
     async def describe(self, *, timeout: float | None = UNSET) -> ServerInfo:
+        return results.decode_describe(await self._describe_raw(timeout))
+
+    async def _describe_raw(self, timeout: Any) -> bytes:
         try:
-            raw = await self._describe(b"", timeout=self._timeout(timeout), metadata=self._metadata)
+            return await self._describe(b"", timeout=self._timeout(timeout), metadata=self._metadata)
         except grpc.RpcError as exc:
             raise RoIError.from_rpc_error(exc) from None
-        return results.decode_describe(raw)
+
+    # -- feature handles ----------------------------------------------------------------------
+
+    async def features(
+        self,
+        maps: Any,
+        *,
+        image_sizes: Sequence[Sequence[int]] | None = None,
+        spatial_scales: Sequence[float] | None = None,
+        ttl: float | None = None,
+        wire_dtype: Any = None,
+        keep: bool = True,
+        timeout: float | None = UNSET,
+    ) -> _features.AsyncFeatureMaps:
+        """As :meth:`RoIClient.features`: ``fm = await client.features(...)``, then
+        ``async with fm: await fm.roi_align(...)``."""
+        source, state = _features.prepare(maps, image_sizes, spatial_scales, ttl, wire_dtype, keep)
+        state.update(await self._upload_features(source, state.ttl, timeout))
+        return _features.AsyncFeatureMaps(self, state, source, keep)
+
+    async def _upload_features(self, source: Any, ttl: float, timeout: Any) -> Any:
+        if self._upload_limit is None:
+            self._upload_limit = _features.feature_limit(await self._describe_raw(timeout), self._max_message_bytes)
+        shm = self.shared_memory
+        if shm is not None and shm.available:
+            parts = _features.upload_parts(source, self._upload_limit, ttl)
+            offsets, nbytes = _features.shared_memory_plan(parts, shm.min_bytes)
+            try:
+                region = await shm.borrow(nbytes) if nbytes else None
+            except RoIError as err:
+                if not borrow_failed(err):
+                    raise
+                region = None
+            if region is not None:
+                try:
+                    raw = await self._send_upload(_features.region_messages(parts, region, offsets), timeout)
+                except RoIError as err:
+                    await shm.discard(region)
+                    if not shm.turned_off(err):
+                        raise
+                else:
+                    shm.give_back(region)
+                    return _features.decode_upload(raw)
+        parts = _features.upload_parts(source, self._upload_limit, ttl)
+        return _features.decode_upload(await self._send_upload(_features.wire_messages(parts), timeout))
+
+    async def _send_upload(self, messages: Any, timeout: Any) -> bytes:
+        try:
+            return await self._upload(messages, timeout=self._timeout(timeout), metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise RoIError.from_rpc_error(exc) from None
+
+    async def _release_features(self, handle: str, timeout: Any) -> None:
+        try:
+            await self._release(_features.release_request(handle), timeout=self._timeout(timeout), metadata=self._metadata)
+        except grpc.RpcError as exc:
+            _features.log_release_failure(handle, RoIError.from_rpc_error(exc))
 
     async def health(self, service: str = "", *, timeout: float | None = UNSET) -> str:
         try:

@@ -7,6 +7,7 @@ from typing import Any
 
 import grpc
 
+from . import features as _features
 from . import results
 from .channel import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -106,12 +107,17 @@ class RoIClient(OpMethods):
         self.target = channel_target(target)
         self.timeout = timeout
         self._metadata = call_metadata(token)
+        self._max_message_bytes = max_message_bytes
+        # The payload bytes of one UploadFeatures message, from the server's Describe.
+        self._upload_limit: int | None = None
         creds = channel_credentials(tls, tls_ca, tls_cert, tls_key, credentials)
         opts = channel_options(max_message_bytes, max_attempts) + tls_options(tls_server_name) + list(options)
         if creds is None:
             self._channel = grpc.insecure_channel(self.target, options=opts)
         else:
             self._channel = grpc.secure_channel(self.target, creds, options=opts)
+        self._upload = self._channel.stream_unary(_features.UPLOAD)
+        self._release = self._channel.unary_unary(_features.RELEASE)
         # Raw bytes both ways: requests are serialised once (EncodedRequest), and responses
         # are parsed where their tensors are decoded.
         self._pool = self._channel.unary_unary(POOL)
@@ -208,11 +214,78 @@ class RoIClient(OpMethods):
             call.cancel()
 
     def describe(self, *, timeout: float | None = UNSET) -> ServerInfo:
+        return results.decode_describe(self._describe_raw(timeout))
+
+    def _describe_raw(self, timeout: Any) -> bytes:
         try:
-            raw = self._describe(b"", timeout=self._timeout(timeout), metadata=self._metadata)
+            return self._describe(b"", timeout=self._timeout(timeout), metadata=self._metadata)
         except grpc.RpcError as exc:
             raise RoIError.from_rpc_error(exc) from None
-        return results.decode_describe(raw)
+
+    # -- feature handles ----------------------------------------------------------------------
+
+    def features(
+        self,
+        maps: Any,
+        *,
+        image_sizes: Sequence[Sequence[int]] | None = None,
+        spatial_scales: Sequence[float] | None = None,
+        ttl: float | None = None,
+        wire_dtype: Any = None,
+        keep: bool = True,
+        timeout: float | None = UNSET,
+    ) -> _features.FeatureMaps:
+        """Uploads maps once, for many requests (:class:`~roi_client.features.FeatureMaps`).
+
+        ``maps``: one map ``[N, C, H, W]``, a list of per-image ``[C, H_i, W_i]`` (ragged), or
+        a list of FPN levels ``[N, C, H_l, W_l]``, finest first, with ``image_sizes`` (each
+        image's (height, width), from which the server infers the level scales) or
+        ``spatial_scales`` (one per level). ``ttl``: seconds the server keeps the handle after
+        its last use (at most, and by default, its ``--feature-ttl``). ``wire_dtype``: the
+        dtype the maps travel, are stored and computed in. ``keep=False``: no reference to
+        the maps is kept, and a handle the server dropped raises
+        :class:`~roi_client.FeatureHandleGone` instead of being uploaded again."""
+        source, state = _features.prepare(maps, image_sizes, spatial_scales, ttl, wire_dtype, keep)
+        state.update(self._upload_features(source, state.ttl, timeout))
+        return _features.FeatureMaps(self, state, source, keep)
+
+    def _upload_features(self, source: Any, ttl: float, timeout: Any) -> Any:
+        if self._upload_limit is None:
+            self._upload_limit = _features.feature_limit(self._describe_raw(timeout), self._max_message_bytes)
+        shm = self.shared_memory
+        if shm is not None:
+            parts = _features.upload_parts(source, self._upload_limit, ttl)
+            offsets, nbytes = _features.shared_memory_plan(parts, shm.min_bytes)
+            try:
+                region = shm.borrow(nbytes) if nbytes else None
+            except RoIError as err:
+                if not borrow_failed(err):
+                    raise
+                region = None
+            if region is not None:
+                try:
+                    raw = self._send_upload(_features.region_messages(parts, region, offsets), timeout)
+                except RoIError as err:
+                    shm.discard(region)
+                    if not shm.turned_off(err):
+                        raise
+                else:
+                    shm.give_back(region)
+                    return _features.decode_upload(raw)
+        parts = _features.upload_parts(source, self._upload_limit, ttl)
+        return _features.decode_upload(self._send_upload(_features.wire_messages(parts), timeout))
+
+    def _send_upload(self, messages: Iterator[bytes], timeout: Any) -> bytes:
+        try:
+            return self._upload(messages, timeout=self._timeout(timeout), metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise RoIError.from_rpc_error(exc) from None
+
+    def _release_features(self, handle: str, timeout: Any) -> None:
+        try:
+            self._release(_features.release_request(handle), timeout=self._timeout(timeout), metadata=self._metadata)
+        except grpc.RpcError as exc:
+            _features.log_release_failure(handle, RoIError.from_rpc_error(exc))
 
     def health(self, service: str = "", *, timeout: float | None = UNSET) -> str:
         """The standard health check: "SERVING", "NOT_SERVING", ..."""

@@ -138,11 +138,16 @@ class _Constructors:
         out_dtype: Any = None,
         wire_dtype: Any = None,
         id: str = "",
+        handle: str | None = None,
+        handle_channels: int = 0,
+        handle_torch: bool = False,
     ) -> Self:
         """The general form: ``input`` is ``[N, C, H, W]`` or a list of ``[C, H_i, W_i]``
         (ragged, roi_align); ``features`` the FPN levels for multiscale_roi_align.
         ``wire_dtype`` is the dtype the maps travel and are computed in (default: theirs);
-        ``out_dtype`` the result's (default: the wire dtype)."""
+        ``out_dtype`` the result's (default: the wire dtype). ``handle`` names uploaded maps
+        (:meth:`roi_client.RoIClient.features`) instead, whose channels and whether they were
+        torch tensors are ``handle_channels`` and ``handle_torch``."""
         if op not in OPS:
             raise RoIError.invalid_argument(f"op must be one of {', '.join(OPS)}, got {op!r}")
         req = roi_pb2.PoolRequest(id=id, op=OPS[op])
@@ -168,7 +173,10 @@ class _Constructors:
 
         as_torch = False
         parts = _Parts()
-        if features is not None:
+        if handle is not None:
+            req.handle = handle
+            as_torch = handle_torch
+        elif features is not None:
             levels = list(features)
             as_torch = bool(levels) and codec.is_torch_tensor(levels[0])
             for i, f in enumerate(levels):
@@ -188,7 +196,7 @@ class _Constructors:
             as_torch = codec.is_torch_tensor(input)
             _encode(input, req.input, "input", parts, wire)
         num_boxes = _encode_boxes(boxes, req.boxes, parts)
-        draft = RequestDraft(op, req, tuple(parts.tensors), tuple(parts.payloads), num_boxes, as_torch)
+        draft = RequestDraft(op, req, tuple(parts.tensors), tuple(parts.payloads), num_boxes, as_torch, handle_channels)
         return cls._finish(draft)
 
     @classmethod
@@ -349,6 +357,8 @@ class RequestDraft(_Constructors):
     payloads: tuple[Any, ...]
     num_boxes: int
     as_torch: bool = False
+    # The channels of the maps a request on a feature handle pools (0: not such a request).
+    handle_channels: int = 0
 
     @classmethod
     def _finish(cls, draft: RequestDraft) -> RequestDraft:
@@ -366,13 +376,15 @@ class RequestDraft(_Constructors):
             first, channel_axis = req.ragged.maps[0], 0
         elif kind == "pyramid" and req.pyramid.levels:
             first, channel_axis = req.pyramid.levels[0].map, 1
+        elif kind == "handle" and self.handle_channels and req.out_dtype:
+            first, channel_axis = None, 0
         else:
             return 0
-        words = codec.WIRE_DTYPES.get(req.out_dtype or first.dtype)
-        if words is None or len(first.shape) <= channel_axis:
+        words = codec.WIRE_DTYPES.get(req.out_dtype or first.dtype) if first is not None else codec.WIRE_DTYPES.get(req.out_dtype)
+        if words is None or (first is not None and len(first.shape) <= channel_axis):
             return 0
         ph, pw = req.params.pooled_height, req.params.pooled_width
-        channels = first.shape[channel_axis]
+        channels = first.shape[channel_axis] if first is not None else self.handle_channels
         if self.op in _POSITION_SENSITIVE:
             channels //= ph * pw
         return self.num_boxes * channels * ph * pw * words.itemsize

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from roi_client._proto.roi.v1 import roi_pb2
 from .batch_keys import batch_key
 from .errors import InvalidArgument, Unimplemented
 from .shm import SharedMemoryRegistry
+
+if TYPE_CHECKING:
+    from .features import FeatureStore
 
 # The maps are read-only views of the request's bytes, which the kernels never write. torch
 # warns about such views once per process; that one warning is spent here, silenced.
@@ -268,10 +271,19 @@ def _infer_scales(maps: list[torch.Tensor], image_sizes) -> list[float]:
     return scales
 
 
-def _features(req: roi_pb2.PoolRequest, contents: _Contents, op: str) -> tuple[str, list[torch.Tensor], tuple[float, ...]]:
+def _features(
+    req: roi_pb2.PoolRequest, contents: _Contents, op: str, store: FeatureStore | None = None
+) -> tuple[str, list[torch.Tensor], tuple[float, ...]]:
     kind = req.WhichOneof("features")
     if kind is None:
-        raise InvalidArgument("features", "give input, pyramid or ragged")
+        raise InvalidArgument("features", "give input, pyramid, ragged or handle")
+    if kind == "handle":
+        if store is None:
+            raise Unimplemented("handle: this server has no feature store")
+        # The stored tensors themselves: the request keeps them alive until it has run,
+        # whatever becomes of the handle meanwhile.
+        entry = store.lookup(req.handle, contents.owner, op)
+        return entry.layout, list(entry.maps), entry.scales
     if op == "multiscale_roi_align" and kind != "pyramid":
         raise InvalidArgument(kind, "multiscale_roi_align takes its levels in pyramid")
     if kind == "pyramid" and op != "multiscale_roi_align":
@@ -431,13 +443,15 @@ def decode_request(
     frame: framing.Frame | None = None,
     shared_memory: SharedMemoryRegistry | None = None,
     owner: str = "",
+    features: FeatureStore | None = None,
 ) -> DecodedRequest:
     """Validates ``req`` and returns it as tensors; raises InvalidArgument naming the field.
     ``frame`` is :func:`roi_client.framing.parse`'s (None: ``req`` holds its own bytes).
     Tensors and the output region given in shared memory are read from and checked against
     the regions that ``owner`` (the caller, see
     :meth:`roi_server.shm_service.SharedMemoryService.owner`) registered in ``shared_memory``
-    (None: shared memory is off, and such a request is refused with FAILED_PRECONDITION)."""
+    (None: shared memory is off, and such a request is refused with FAILED_PRECONDITION).
+    A request naming a feature handle takes the maps ``owner`` uploaded to ``features``."""
     contents = _Contents(
         framing.Frame(b"") if frame is None else frame,
         _NO_SHARED_MEMORY if shared_memory is None else shared_memory,
@@ -453,7 +467,7 @@ def decode_request(
     if out_dtype_wire != roi_pb2.DTYPE_UNSPECIFIED and out_dtype_wire not in TORCH_DTYPES:
         raise InvalidArgument("out_dtype", f"unknown dtype {out_dtype_wire}")
 
-    layout, maps, scales = _features(req, contents, op)
+    layout, maps, scales = _features(req, contents, op, features)
     dtype = maps[0].dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     rotated = op == "roi_align_rotated"

@@ -269,7 +269,9 @@ class KernelEngine:
         copy_stream, compute_stream = self._copy_stream, self._compute_stream
         assert copy_stream is not None and compute_stream is not None
         rois = _offset_rois(reqs)
-        host_tensors = [t for r in reqs for t in r.maps] + [rois]
+        # Maps of feature handles are on the device already (roi_server.features); the
+        # others are staged.
+        host_tensors = [t for r in reqs for t in r.maps if t.device.type == "cpu"] + [rois]
         offsets, total = pack_layout(host_tensors)
         # Pinned memory from torch's caching host allocator: reused across batches, and not
         # handed out again until the copy that reads it has finished.
@@ -290,8 +292,17 @@ class KernelEngine:
             views = carve(on_device, host_tensors, offsets)
             maps, at = [], 0
             for r in reqs:
-                maps.append(views[at : at + len(r.maps)])
-                at += len(r.maps)
+                mine = []
+                for t in r.maps:
+                    if t.device.type == "cpu":
+                        mine.append(views[at])
+                        at += 1
+                    else:
+                        # Read on this stream: its memory is not reused before the kernel
+                        # ends, even if the handle is dropped meanwhile.
+                        t.record_stream(compute_stream)
+                        mine.append(t)
+                maps.append(mine)
             out = call_op(reqs, maps, views[-1])
             host_out = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
             host_out.copy_(out, non_blocking=True)

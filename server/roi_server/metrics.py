@@ -101,6 +101,26 @@ class ServiceMetrics:
             "requests using them finish).",
             registry=r,
         )
+        # Feature handles (roi_server.features).
+        self.feature_budget = Gauge("roi_feature_store_budget_bytes", "The feature store's byte budget.", registry=r)
+        self.feature_bytes = Gauge(
+            "roi_feature_store_bytes", "Bytes the feature store holds: stored handles and uploads in progress.", registry=r
+        )
+        self.feature_handles = Gauge("roi_feature_store_handles", "Feature handles stored.", registry=r)
+        self.feature_uploads = Counter(
+            "roi_feature_uploads", "UploadFeatures calls, by gRPC status code.", ["code"], registry=r
+        )
+        self.feature_hits = Counter("roi_feature_hits", "Pool requests that named a live feature handle.", registry=r)
+        self.feature_misses = Counter(
+            "roi_feature_misses",
+            "Pool requests that named a feature handle the store does not hold, by reason (unknown, expired, "
+            "evicted, released).",
+            ["reason"],
+            registry=r,
+        )
+        self.feature_evictions = Counter(
+            "roi_feature_evictions", "Feature handles evicted to make room for an upload.", registry=r
+        )
 
     def child(self, metric, *values: str):
         """``metric.labels(*values)``, looked up once: labels() costs microseconds on every
@@ -126,7 +146,10 @@ class _ByProtocol:
     def __init__(self, total: Counter, registry: CollectorRegistry) -> None:
         self._total = total
         self._oip = Counter(
-            "roi_oip_requests", "Open Inference Protocol requests answered, by op and gRPC status code.", ["op", "code"]
+            "roi_oip_requests",
+            "Open Inference Protocol requests answered, by op and gRPC status code.",
+            ["op", "code"],
+            registry=None,
         )
         registry.register(self)
 

@@ -32,6 +32,7 @@ from . import __version__
 from .auth import TokenAuthInterceptor
 from .batcher import BatchPolicy, DynamicBatcher
 from .codec import Limits
+from .features import FeatureStore
 from .health import DrainingHealthServicer
 from .metrics import MetricsHTTPServer, ServiceMetrics
 from .oip import SERVICE_NAME as OIP_SERVICE_NAME
@@ -247,6 +248,14 @@ class RoIServer:
             tokens_required=bool(settings.auth_token or settings.auth_token_file),
             note_arrival=self._note_arrival,
         )
+        self.features = FeatureStore(
+            settings.feature_store_bytes,
+            settings.feature_ttl,
+            settings.feature_store_caller_bytes,
+            per_caller=bool(settings.auth_token or settings.auth_token_file),
+            metrics=self.metrics,
+        )
+        self._sweeper: asyncio.Task | None = None
         self.service = RoIService(
             Limits(settings.max_boxes, settings.max_output_elements, settings.max_message_bytes),
             self.metrics,
@@ -255,6 +264,7 @@ class RoIServer:
             stream_window=min(max(2 * settings.max_batch_requests, 16), settings.max_queue),
             # Requests name the regions their caller registered through these methods.
             shared_memory=self.shm_service,
+            features=self.features,
         )
         # The Open Inference Protocol, over the same batcher, limits, metrics and regions.
         self.oip = OIPService(self.service, self.shm_service, self.metrics, stream_window=self.service.stream_window)
@@ -266,6 +276,12 @@ class RoIServer:
         self._metrics_http: MetricsHTTPServer | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
+
+    async def _sweep_features(self) -> None:
+        """Expired handles go within a second even when no call touches the store."""
+        while True:
+            await asyncio.sleep(min(1.0, self.settings.feature_ttl / 4))
+            self.features.sweep()
 
     def _note_arrival(self) -> None:
         self.service.last_arrival = time.monotonic()
@@ -364,6 +380,10 @@ class RoIServer:
             threads=threads,
             limits=limits,
         )
+        # Uploaded maps go to the device once, and stay there.
+        self.features.device = self.engine.device
+        if self.features.enabled:
+            self._sweeper = asyncio.create_task(self._sweep_features(), name="roi-feature-sweeper")
         self.service.set_ready(self.batcher, info)
         self.metrics.set_server(
             __version__, device, self.engine.memory_allocated if self.engine.device.type == "cuda" else None
@@ -398,6 +418,10 @@ class RoIServer:
         await self._close_transports(grace)
         if self.batcher is not None:
             await self.batcher.close()
+        # After the batcher: every accepted request has run (each held its maps).
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self.features.close()
         if self.engine is not None:
             self.engine.close()
         self.service.close()

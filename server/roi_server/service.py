@@ -40,10 +40,11 @@ from .codec import (
     shared_memory_bytes,
     write_output,
 )
-from .errors import InvalidArgument, ServiceError, Unavailable, status_of
+from .errors import InvalidArgument, ServiceError, Unavailable, Unimplemented, status_of
 from .metrics import ServiceMetrics
 
 if TYPE_CHECKING:
+    from .features import FeatureStore
     from .shm_service import SharedMemoryService
 
 log = logging.getLogger(__name__)
@@ -76,13 +77,16 @@ class RoIService:
         metrics: ServiceMetrics,
         stream_window: int = 128,
         shared_memory: SharedMemoryService | None = None,
+        features: FeatureStore | None = None,
     ) -> None:
         """``shared_memory``: the registry and the callers of the shared memory methods
-        (None: requests that name shared memory are refused)."""
+        (None: requests that name shared memory are refused). ``features``: the store of
+        UploadFeatures and of the requests that name its handles (None: no such calls)."""
         self.limits = limits
         self.metrics = metrics
         self.stream_window = stream_window
         self.shared_memory = shared_memory
+        self.features = features
         self.batcher: DynamicBatcher | None = None
         self.info: ServerInfo | None = None
         self._available: frozenset[str] = frozenset()
@@ -126,6 +130,8 @@ class RoIService:
                 f"/{SERVICE_NAME}/Pool": grpc.unary_unary_rpc_method_handler(self.pool),
                 f"/{SERVICE_NAME}/PoolStream": grpc.stream_stream_rpc_method_handler(self.pool_stream),
                 f"/{SERVICE_NAME}/Describe": grpc.unary_unary_rpc_method_handler(self.describe),
+                f"/{SERVICE_NAME}/UploadFeatures": grpc.stream_unary_rpc_method_handler(self.upload_features),
+                f"/{SERVICE_NAME}/ReleaseFeatures": grpc.unary_unary_rpc_method_handler(self.release_features),
             },
         )
 
@@ -219,7 +225,61 @@ class RoIService:
             torch_version=info.torch_version,
             threads=info.threads,
         )
+        if self.features is not None:
+            resp.feature_store.CopyFrom(self.features.describe())
         return resp.SerializeToString()
+
+    async def upload_features(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+        """Stores the maps of an upload's messages and answers with their handle (see
+        :mod:`roi_server.features`). Counted by status code in ``roi_feature_uploads_total``."""
+        code = grpc.StatusCode.OK
+        self.last_arrival = time.monotonic()
+        self._enter()
+        try:
+            if self.features is None:
+                raise Unimplemented("this server has no feature store")
+            if self._closing.is_set():
+                raise Unavailable("the server is shutting down")
+            if self.info is None:
+                raise Unavailable("the server is warming up")
+            registry = self.shared_memory.registry if self.shared_memory is not None else None
+
+            async def counted() -> AsyncIterator[bytes]:
+                async for raw in requests:
+                    self.metrics.received_bytes.inc(len(raw))
+                    yield raw
+
+            resp = await self.features.upload(
+                counted(), self._owner(context), self.limits.max_message_bytes, registry, self._off_loop
+            )
+            return resp.SerializeToString()
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            if not isinstance(exc, ServiceError):
+                log.exception("an upload failed")
+            code, message = status_of(exc)
+            await context.abort(code, message)
+            raise  # not reached: abort raises
+        finally:
+            self.metrics.child(self.metrics.feature_uploads, code.name).inc()
+            self._leave()
+
+    async def release_features(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """Drops a handle; releasing one that is gone (or not the caller's) is not an error."""
+        try:
+            if self.features is None:
+                raise Unimplemented("this server has no feature store")
+            try:
+                req = roi_pb2.ReleaseFeaturesRequest.FromString(raw)
+            except DecodeError as exc:
+                raise InvalidArgument("", f"the message is not a roi.v1.ReleaseFeaturesRequest: {exc}") from None
+            released = self.features.release(req.handle, self._owner(context))
+            return roi_pb2.ReleaseFeaturesResponse(released=released).SerializeToString()
+        except ServiceError as exc:
+            await context.abort(*status_of(exc))
+            raise  # not reached: abort raises
 
     def count_refusal(self, method: str, raw: bytes | None, code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED) -> None:
         """Counts a call refused before it reached this service (by the token check): a Pool
@@ -269,7 +329,15 @@ class RoIService:
             registry = self.shared_memory.registry if self.shared_memory is not None else None
             # Tensors in shared memory cost no copy unless misaligned, when they are copied.
             decoded = await self._off_loop(
-                len(raw) + shared_memory_bytes(req), decode_request, req, self.limits, self._available, frame, registry, owner
+                len(raw) + shared_memory_bytes(req),
+                decode_request,
+                req,
+                self.limits,
+                self._available,
+                frame,
+                registry,
+                owner,
+                self.features,
             )
             remaining = None if deadline is None else deadline - time.perf_counter()
             result = await self.batcher.submit(decoded, remaining)

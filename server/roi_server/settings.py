@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,10 @@ class Settings:
     auth_token: str = field(default="", repr=False)
     allow_shared_memory: bool = False
     shared_memory_prefix: str = "roi_"
+    feature_store_bytes: int = 1024 * MiB
+    feature_ttl: float = 300.0
+    # 0: half of feature_store_bytes.
+    feature_store_caller_bytes: int = 0
 
     def __post_init__(self) -> None:
         problems = validate(self)
@@ -303,6 +308,29 @@ FIELDS: tuple[Field, ...] = (
         "the only shared memory objects clients may register are those whose name under "
         "/dev/shm starts with this",
     ),
+    Field(
+        "feature_store_bytes",
+        "--feature-store-bytes",
+        "ROI_FEATURE_STORE_BYTES",
+        _int,
+        "bytes the feature handles (UploadFeatures) may take together; the least recently used "
+        "are evicted to make room; 0 turns feature handles off",
+    ),
+    Field(
+        "feature_ttl",
+        "--feature-ttl",
+        "ROI_FEATURE_TTL",
+        float,
+        "seconds a feature handle lives after its last use (an upload may ask for less)",
+    ),
+    Field(
+        "feature_store_caller_bytes",
+        "--feature-store-caller-bytes",
+        "ROI_FEATURE_STORE_CALLER_BYTES",
+        _int,
+        "with token authentication on, the most bytes of feature handles one token may hold; "
+        "0: half of --feature-store-bytes",
+    ),
 )
 
 
@@ -369,6 +397,15 @@ def validate(s: Settings) -> list[str]:
                 if problem:
                     problems.append(problem)
                     break
+    need(s.feature_store_bytes >= 0, f"feature_store_bytes must be >= 0 (0: off), got {s.feature_store_bytes}")
+    need(
+        math.isfinite(s.feature_ttl) and s.feature_ttl > 0, f"feature_ttl must be a positive number of seconds, got {s.feature_ttl}"
+    )
+    need(
+        0 <= s.feature_store_caller_bytes <= s.feature_store_bytes,
+        f"feature_store_caller_bytes must be in [0, feature_store_bytes = {s.feature_store_bytes}] (0: half of it), "
+        f"got {s.feature_store_caller_bytes}",
+    )
     problem = shared_memory_prefix_problem(s.shared_memory_prefix)
     if problem:
         problems.append(f"shared_memory_prefix: {problem}")

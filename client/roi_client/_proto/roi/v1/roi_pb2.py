@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10roi/v1/roi.proto\x12\x06roi.v1\"\x89\x01\n\x06Tensor\x12\x1c\n\x05\x64type\x18\x01 \x01(\x0e\x32\r.roi.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x12\x30\n\rshared_memory\x18\x04 \x01(\x0b\x32\x17.roi.v1.SharedMemoryRefH\x00\x42\n\n\x08\x63ontentsJ\x04\x08\x0f\x10\x10\"D\n\x0fSharedMemoryRef\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x11\n\tbyte_size\x18\x03 \x01(\x04\"\xc2\x02\n\nPoolParams\x12\x15\n\rpooled_height\x18\x01 \x01(\r\x12\x14\n\x0cpooled_width\x18\x02 \x01(\r\x12\x1a\n\rspatial_scale\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0esampling_ratio\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x14\n\x07\x61ligned\x18\x05 \x01(\x08H\x02\x88\x01\x01\x12#\n\tpool_mode\x18\x06 \x01(\x0e\x32\x10.roi.v1.PoolMode\x12\x1c\n\x0f\x63\x61nonical_scale\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x1c\n\x0f\x63\x61nonical_level\x18\x08 \x01(\x05H\x04\x88\x01\x01\x42\x10\n\x0e_spatial_scaleB\x11\n\x0f_sampling_ratioB\n\n\x08_alignedB\x12\n\x10_canonical_scaleB\x12\n\x10_canonical_level\"^\n\x0e\x46\x65\x61turePyramid\x12$\n\x06levels\x18\x01 \x03(\x0b\x32\x14.roi.v1.FeatureLevel\x12&\n\x0bimage_sizes\x18\x02 \x03(\x0b\x32\x11.roi.v1.ImageSize\"Y\n\x0c\x46\x65\x61tureLevel\x12\x1b\n\x03map\x18\x01 \x01(\x0b\x32\x0e.roi.v1.Tensor\x12\x1a\n\rspatial_scale\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_spatial_scale\"*\n\tImageSize\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\"*\n\nRaggedMaps\x12\x1c\n\x04maps\x18\x01 \x03(\x0b\x32\x0e.roi.v1.Tensor\"W\n\x05\x42oxes\x12\x1e\n\x04rois\x18\x01 \x01(\x0b\x32\x0e.roi.v1.TensorH\x00\x12$\n\tper_image\x18\x02 \x01(\x0b\x32\x0f.roi.v1.BoxListH\x00\x42\x08\n\x06layout\"(\n\x07\x42oxList\x12\x1d\n\x05\x62oxes\x18\x01 \x03(\x0b\x32\x0e.roi.v1.Tensor\"\xc3\x02\n\x0bPoolRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x02op\x18\x02 \x01(\x0e\x32\n.roi.v1.Op\x12\"\n\x06params\x18\x03 \x01(\x0b\x32\x12.roi.v1.PoolParams\x12\x1f\n\x05input\x18\x04 \x01(\x0b\x32\x0e.roi.v1.TensorH\x00\x12)\n\x07pyramid\x18\x05 \x01(\x0b\x32\x16.roi.v1.FeaturePyramidH\x00\x12$\n\x06ragged\x18\x06 \x01(\x0b\x32\x12.roi.v1.RaggedMapsH\x00\x12\x1c\n\x05\x62oxes\x18\x07 \x01(\x0b\x32\r.roi.v1.Boxes\x12 \n\tout_dtype\x18\x08 \x01(\x0e\x32\r.roi.v1.DType\x12.\n\routput_region\x18\t \x01(\x0b\x32\x17.roi.v1.SharedMemoryRefB\n\n\x08\x66\x65\x61tures\"\x8f\x01\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\x12\x10\n\x08\x62\x61tch_id\x18\x04 \x01(\x04\x12\x16\n\x0e\x62\x61tch_requests\x18\x05 \x01(\r\x12\x13\n\x0b\x62\x61tch_boxes\x18\x06 \x01(\x04\"\\\n\x0cPoolResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1e\n\x06output\x18\x02 \x01(\x0b\x32\x0e.roi.v1.Tensor\x12 \n\x07timings\x18\x03 \x01(\x0b\x32\x0f.roi.v1.Timings\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"u\n\x12PoolStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x08response\x18\x02 \x01(\x0b\x32\x14.roi.v1.PoolResponseH\x00\x12\x1f\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x0e.roi.v1.StatusH\x00\x42\x08\n\x06result\"\x11\n\x0f\x44\x65scribeRequest\"\xc9\x01\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x04\x12\x11\n\tmax_boxes\x18\x02 \x01(\x04\x12\x1b\n\x13max_output_elements\x18\x03 \x01(\x04\x12\x17\n\x0fmax_batch_boxes\x18\x04 \x01(\x04\x12\x17\n\x0fmax_batch_bytes\x18\x05 \x01(\x04\x12\x1a\n\x12max_batch_requests\x18\x06 \x01(\r\x12\x13\n\x0bmax_wait_ms\x18\x07 \x01(\x01\x12\x11\n\tmax_queue\x18\x08 \x01(\r\"\xbc\x01\n\x10\x44\x65scribeResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x03 \x01(\t\x12\x0b\n\x03ops\x18\x04 \x03(\t\x12\x1d\n\x06\x64types\x18\x05 \x03(\x0e\x32\r.roi.v1.DType\x12\x1e\n\x06limits\x18\x06 \x01(\x0b\x32\x0e.roi.v1.Limits\x12\x15\n\rtorch_version\x18\x07 \x01(\t\x12\x0f\n\x07threads\x18\x08 \x01(\r\"l\n\x1bRegisterSharedMemoryRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x11\n\tbyte_size\x18\x04 \x01(\x04\x12\r\n\x05lease\x18\x05 \x01(\t\"\x1e\n\x1cRegisterSharedMemoryResponse\"+\n\x19SharedMemoryStatusRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\"|\n\x18SharedMemoryRegionStatus\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x11\n\tbyte_size\x18\x04 \x01(\x04\x12\r\n\x05lease\x18\x05 \x01(\t\x12\x11\n\tfile_size\x18\x06 \x01(\x04\"O\n\x1aSharedMemoryStatusResponse\x12\x31\n\x07regions\x18\x01 \x03(\x0b\x32 .roi.v1.SharedMemoryRegionStatus\"/\n\x1dUnregisterSharedMemoryRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\"6\n\x1eUnregisterSharedMemoryResponse\x12\x14\n\x0cunregistered\x18\x01 \x01(\r\"\x19\n\x17HoldSharedMemoryRequest\")\n\x18HoldSharedMemoryResponse\x12\r\n\x05lease\x18\x01 \x01(\t*k\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04*\x9b\x01\n\x02Op\x12\x12\n\x0eOP_UNSPECIFIED\x10\x00\x12\x10\n\x0cOP_ROI_ALIGN\x10\x01\x12\x0f\n\x0bOP_ROI_POOL\x10\x02\x12\x13\n\x0fOP_PS_ROI_ALIGN\x10\x03\x12\x12\n\x0eOP_PS_ROI_POOL\x10\x04\x12\x18\n\x14OP_ROI_ALIGN_ROTATED\x10\x05\x12\x1b\n\x17OP_MULTISCALE_ROI_ALIGN\x10\x06*K\n\x08PoolMode\x12\x19\n\x15POOL_MODE_UNSPECIFIED\x10\x00\x12\x11\n\rPOOL_MODE_AVG\x10\x01\x12\x11\n\rPOOL_MODE_MAX\x10\x02\x32\xc3\x04\n\nRoIService\x12\x31\n\x04Pool\x12\x13.roi.v1.PoolRequest\x1a\x14.roi.v1.PoolResponse\x12\x41\n\nPoolStream\x12\x13.roi.v1.PoolRequest\x1a\x1a.roi.v1.PoolStreamResponse(\x01\x30\x01\x12=\n\x08\x44\x65scribe\x12\x17.roi.v1.DescribeRequest\x1a\x18.roi.v1.DescribeResponse\x12\x61\n\x14RegisterSharedMemory\x12#.roi.v1.RegisterSharedMemoryRequest\x1a$.roi.v1.RegisterSharedMemoryResponse\x12[\n\x12SharedMemoryStatus\x12!.roi.v1.SharedMemoryStatusRequest\x1a\".roi.v1.SharedMemoryStatusResponse\x12g\n\x16UnregisterSharedMemory\x12%.roi.v1.UnregisterSharedMemoryRequest\x1a&.roi.v1.UnregisterSharedMemoryResponse\x12W\n\x10HoldSharedMemory\x12\x1f.roi.v1.HoldSharedMemoryRequest\x1a .roi.v1.HoldSharedMemoryResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10roi/v1/roi.proto\x12\x06roi.v1\"\x89\x01\n\x06Tensor\x12\x1c\n\x05\x64type\x18\x01 \x01(\x0e\x32\r.roi.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x12\x30\n\rshared_memory\x18\x04 \x01(\x0b\x32\x17.roi.v1.SharedMemoryRefH\x00\x42\n\n\x08\x63ontentsJ\x04\x08\x0f\x10\x10\"D\n\x0fSharedMemoryRef\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x11\n\tbyte_size\x18\x03 \x01(\x04\"\xc2\x02\n\nPoolParams\x12\x15\n\rpooled_height\x18\x01 \x01(\r\x12\x14\n\x0cpooled_width\x18\x02 \x01(\r\x12\x1a\n\rspatial_scale\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0esampling_ratio\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x14\n\x07\x61ligned\x18\x05 \x01(\x08H\x02\x88\x01\x01\x12#\n\tpool_mode\x18\x06 \x01(\x0e\x32\x10.roi.v1.PoolMode\x12\x1c\n\x0f\x63\x61nonical_scale\x18\x07 \x01(\x05H\x03\x88\x01\x01\x12\x1c\n\x0f\x63\x61nonical_level\x18\x08 \x01(\x05H\x04\x88\x01\x01\x42\x10\n\x0e_spatial_scaleB\x11\n\x0f_sampling_ratioB\n\n\x08_alignedB\x12\n\x10_canonical_scaleB\x12\n\x10_canonical_level\"^\n\x0e\x46\x65\x61turePyramid\x12$\n\x06levels\x18\x01 \x03(\x0b\x32\x14.roi.v1.FeatureLevel\x12&\n\x0bimage_sizes\x18\x02 \x03(\x0b\x32\x11.roi.v1.ImageSize\"Y\n\x0c\x46\x65\x61tureLevel\x12\x1b\n\x03map\x18\x01 \x01(\x0b\x32\x0e.roi.v1.Tensor\x12\x1a\n\rspatial_scale\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_spatial_scale\"*\n\tImageSize\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\"*\n\nRaggedMaps\x12\x1c\n\x04maps\x18\x01 \x03(\x0b\x32\x0e.roi.v1.Tensor\"W\n\x05\x42oxes\x12\x1e\n\x04rois\x18\x01 \x01(\x0b\x32\x0e.roi.v1.TensorH\x00\x12$\n\tper_image\x18\x02 \x01(\x0b\x32\x0f.roi.v1.BoxListH\x00\x42\x08\n\x06layout\"(\n\x07\x42oxList\x12\x1d\n\x05\x62oxes\x18\x01 \x03(\x0b\x32\x0e.roi.v1.Tensor\"\xd5\x02\n\x0bPoolRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x02op\x18\x02 \x01(\x0e\x32\n.roi.v1.Op\x12\"\n\x06params\x18\x03 \x01(\x0b\x32\x12.roi.v1.PoolParams\x12\x1f\n\x05input\x18\x04 \x01(\x0b\x32\x0e.roi.v1.TensorH\x00\x12)\n\x07pyramid\x18\x05 \x01(\x0b\x32\x16.roi.v1.FeaturePyramidH\x00\x12$\n\x06ragged\x18\x06 \x01(\x0b\x32\x12.roi.v1.RaggedMapsH\x00\x12\x10\n\x06handle\x18\n \x01(\tH\x00\x12\x1c\n\x05\x62oxes\x18\x07 \x01(\x0b\x32\r.roi.v1.Boxes\x12 \n\tout_dtype\x18\x08 \x01(\x0e\x32\r.roi.v1.DType\x12.\n\routput_region\x18\t \x01(\x0b\x32\x17.roi.v1.SharedMemoryRefB\n\n\x08\x66\x65\x61tures\"\x8f\x01\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\x12\x10\n\x08\x62\x61tch_id\x18\x04 \x01(\x04\x12\x16\n\x0e\x62\x61tch_requests\x18\x05 \x01(\r\x12\x13\n\x0b\x62\x61tch_boxes\x18\x06 \x01(\x04\"\\\n\x0cPoolResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1e\n\x06output\x18\x02 \x01(\x0b\x32\x0e.roi.v1.Tensor\x12 \n\x07timings\x18\x03 \x01(\x0b\x32\x0f.roi.v1.Timings\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"u\n\x12PoolStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x08response\x18\x02 \x01(\x0b\x32\x14.roi.v1.PoolResponseH\x00\x12\x1f\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x0e.roi.v1.StatusH\x00\x42\x08\n\x06result\"\x11\n\x0f\x44\x65scribeRequest\"\xc9\x01\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x04\x12\x11\n\tmax_boxes\x18\x02 \x01(\x04\x12\x1b\n\x13max_output_elements\x18\x03 \x01(\x04\x12\x17\n\x0fmax_batch_boxes\x18\x04 \x01(\x04\x12\x17\n\x0fmax_batch_bytes\x18\x05 \x01(\x04\x12\x1a\n\x12max_batch_requests\x18\x06 \x01(\r\x12\x13\n\x0bmax_wait_ms\x18\x07 \x01(\x01\x12\x11\n\tmax_queue\x18\x08 \x01(\r\"`\n\x0c\x46\x65\x61tureStore\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x14\n\x0c\x62udget_bytes\x18\x02 \x01(\x04\x12\x14\n\x0c\x63\x61ller_bytes\x18\x03 \x01(\x04\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x01\"\xe9\x01\n\x10\x44\x65scribeResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x03 \x01(\t\x12\x0b\n\x03ops\x18\x04 \x03(\t\x12\x1d\n\x06\x64types\x18\x05 \x03(\x0e\x32\r.roi.v1.DType\x12\x1e\n\x06limits\x18\x06 \x01(\x0b\x32\x0e.roi.v1.Limits\x12\x15\n\rtorch_version\x18\x07 \x01(\t\x12\x0f\n\x07threads\x18\x08 \x01(\r\x12+\n\rfeature_store\x18\t \x01(\x0b\x32\x14.roi.v1.FeatureStore\"l\n\x1bRegisterSharedMemoryRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x11\n\tbyte_size\x18\x04 \x01(\x04\x12\r\n\x05lease\x18\x05 \x01(\t\"\x1e\n\x1cRegisterSharedMemoryResponse\"+\n\x19SharedMemoryStatusRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\"|\n\x18SharedMemoryRegionStatus\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x11\n\tbyte_size\x18\x04 \x01(\x04\x12\r\n\x05lease\x18\x05 \x01(\t\x12\x11\n\tfile_size\x18\x06 \x01(\x04\"O\n\x1aSharedMemoryStatusResponse\x12\x31\n\x07regions\x18\x01 \x03(\x0b\x32 .roi.v1.SharedMemoryRegionStatus\"/\n\x1dUnregisterSharedMemoryRequest\x12\x0e\n\x06region\x18\x01 \x01(\t\"6\n\x1eUnregisterSharedMemoryResponse\x12\x14\n\x0cunregistered\x18\x01 \x01(\r\"\x19\n\x17HoldSharedMemoryRequest\")\n\x18HoldSharedMemoryResponse\x12\r\n\x05lease\x18\x01 \x01(\t\"\xaa\x01\n\x15UploadFeaturesRequest\x12\x1f\n\x05input\x18\x01 \x01(\x0b\x32\x0e.roi.v1.TensorH\x00\x12)\n\x07pyramid\x18\x02 \x01(\x0b\x32\x16.roi.v1.FeaturePyramidH\x00\x12$\n\x06ragged\x18\x03 \x01(\x0b\x32\x12.roi.v1.RaggedMapsH\x00\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x01\x42\n\n\x08\x66\x65\x61tures\"\x86\x01\n\x16UploadFeaturesResponse\x12\x0e\n\x06handle\x18\x01 \x01(\t\x12\x11\n\tbyte_size\x18\x02 \x01(\x04\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x01\x12\x12\n\nexpires_at\x18\x04 \x01(\x01\x12\x12\n\nnum_images\x18\x05 \x01(\r\x12\x0c\n\x04kind\x18\x06 \x01(\t\"(\n\x16ReleaseFeaturesRequest\x12\x0e\n\x06handle\x18\x01 \x01(\t\"+\n\x17ReleaseFeaturesResponse\x12\x10\n\x08released\x18\x01 \x01(\x08*k\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04*\x9b\x01\n\x02Op\x12\x12\n\x0eOP_UNSPECIFIED\x10\x00\x12\x10\n\x0cOP_ROI_ALIGN\x10\x01\x12\x0f\n\x0bOP_ROI_POOL\x10\x02\x12\x13\n\x0fOP_PS_ROI_ALIGN\x10\x03\x12\x12\n\x0eOP_PS_ROI_POOL\x10\x04\x12\x18\n\x14OP_ROI_ALIGN_ROTATED\x10\x05\x12\x1b\n\x17OP_MULTISCALE_ROI_ALIGN\x10\x06*K\n\x08PoolMode\x12\x19\n\x15POOL_MODE_UNSPECIFIED\x10\x00\x12\x11\n\rPOOL_MODE_AVG\x10\x01\x12\x11\n\rPOOL_MODE_MAX\x10\x02\x32\xea\x05\n\nRoIService\x12\x31\n\x04Pool\x12\x13.roi.v1.PoolRequest\x1a\x14.roi.v1.PoolResponse\x12\x41\n\nPoolStream\x12\x13.roi.v1.PoolRequest\x1a\x1a.roi.v1.PoolStreamResponse(\x01\x30\x01\x12=\n\x08\x44\x65scribe\x12\x17.roi.v1.DescribeRequest\x1a\x18.roi.v1.DescribeResponse\x12\x61\n\x14RegisterSharedMemory\x12#.roi.v1.RegisterSharedMemoryRequest\x1a$.roi.v1.RegisterSharedMemoryResponse\x12[\n\x12SharedMemoryStatus\x12!.roi.v1.SharedMemoryStatusRequest\x1a\".roi.v1.SharedMemoryStatusResponse\x12g\n\x16UnregisterSharedMemory\x12%.roi.v1.UnregisterSharedMemoryRequest\x1a&.roi.v1.UnregisterSharedMemoryResponse\x12W\n\x10HoldSharedMemory\x12\x1f.roi.v1.HoldSharedMemoryRequest\x1a .roi.v1.HoldSharedMemoryResponse0\x01\x12Q\n\x0eUploadFeatures\x12\x1d.roi.v1.UploadFeaturesRequest\x1a\x1e.roi.v1.UploadFeaturesResponse(\x01\x12R\n\x0fReleaseFeatures\x12\x1e.roi.v1.ReleaseFeaturesRequest\x1a\x1f.roi.v1.ReleaseFeaturesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'roi.v1.roi_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2678
-  _globals['_DTYPE']._serialized_end=2785
-  _globals['_OP']._serialized_start=2788
-  _globals['_OP']._serialized_end=2943
-  _globals['_POOLMODE']._serialized_start=2945
-  _globals['_POOLMODE']._serialized_end=3020
+  _globals['_DTYPE']._serialized_start=3236
+  _globals['_DTYPE']._serialized_end=3343
+  _globals['_OP']._serialized_start=3346
+  _globals['_OP']._serialized_end=3501
+  _globals['_POOLMODE']._serialized_start=3503
+  _globals['_POOLMODE']._serialized_end=3578
   _globals['_TENSOR']._serialized_start=29
   _globals['_TENSOR']._serialized_end=166
   _globals['_SHAREDMEMORYREF']._serialized_start=168
@@ -57,39 +57,49 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BOXLIST']._serialized_start=927
   _globals['_BOXLIST']._serialized_end=967
   _globals['_POOLREQUEST']._serialized_start=970
-  _globals['_POOLREQUEST']._serialized_end=1293
-  _globals['_TIMINGS']._serialized_start=1296
-  _globals['_TIMINGS']._serialized_end=1439
-  _globals['_POOLRESPONSE']._serialized_start=1441
-  _globals['_POOLRESPONSE']._serialized_end=1533
-  _globals['_STATUS']._serialized_start=1535
-  _globals['_STATUS']._serialized_end=1574
-  _globals['_POOLSTREAMRESPONSE']._serialized_start=1576
-  _globals['_POOLSTREAMRESPONSE']._serialized_end=1693
-  _globals['_DESCRIBEREQUEST']._serialized_start=1695
-  _globals['_DESCRIBEREQUEST']._serialized_end=1712
-  _globals['_LIMITS']._serialized_start=1715
-  _globals['_LIMITS']._serialized_end=1916
-  _globals['_DESCRIBERESPONSE']._serialized_start=1919
-  _globals['_DESCRIBERESPONSE']._serialized_end=2107
-  _globals['_REGISTERSHAREDMEMORYREQUEST']._serialized_start=2109
-  _globals['_REGISTERSHAREDMEMORYREQUEST']._serialized_end=2217
-  _globals['_REGISTERSHAREDMEMORYRESPONSE']._serialized_start=2219
-  _globals['_REGISTERSHAREDMEMORYRESPONSE']._serialized_end=2249
-  _globals['_SHAREDMEMORYSTATUSREQUEST']._serialized_start=2251
-  _globals['_SHAREDMEMORYSTATUSREQUEST']._serialized_end=2294
-  _globals['_SHAREDMEMORYREGIONSTATUS']._serialized_start=2296
-  _globals['_SHAREDMEMORYREGIONSTATUS']._serialized_end=2420
-  _globals['_SHAREDMEMORYSTATUSRESPONSE']._serialized_start=2422
-  _globals['_SHAREDMEMORYSTATUSRESPONSE']._serialized_end=2501
-  _globals['_UNREGISTERSHAREDMEMORYREQUEST']._serialized_start=2503
-  _globals['_UNREGISTERSHAREDMEMORYREQUEST']._serialized_end=2550
-  _globals['_UNREGISTERSHAREDMEMORYRESPONSE']._serialized_start=2552
-  _globals['_UNREGISTERSHAREDMEMORYRESPONSE']._serialized_end=2606
-  _globals['_HOLDSHAREDMEMORYREQUEST']._serialized_start=2608
-  _globals['_HOLDSHAREDMEMORYREQUEST']._serialized_end=2633
-  _globals['_HOLDSHAREDMEMORYRESPONSE']._serialized_start=2635
-  _globals['_HOLDSHAREDMEMORYRESPONSE']._serialized_end=2676
-  _globals['_ROISERVICE']._serialized_start=3023
-  _globals['_ROISERVICE']._serialized_end=3602
+  _globals['_POOLREQUEST']._serialized_end=1311
+  _globals['_TIMINGS']._serialized_start=1314
+  _globals['_TIMINGS']._serialized_end=1457
+  _globals['_POOLRESPONSE']._serialized_start=1459
+  _globals['_POOLRESPONSE']._serialized_end=1551
+  _globals['_STATUS']._serialized_start=1553
+  _globals['_STATUS']._serialized_end=1592
+  _globals['_POOLSTREAMRESPONSE']._serialized_start=1594
+  _globals['_POOLSTREAMRESPONSE']._serialized_end=1711
+  _globals['_DESCRIBEREQUEST']._serialized_start=1713
+  _globals['_DESCRIBEREQUEST']._serialized_end=1730
+  _globals['_LIMITS']._serialized_start=1733
+  _globals['_LIMITS']._serialized_end=1934
+  _globals['_FEATURESTORE']._serialized_start=1936
+  _globals['_FEATURESTORE']._serialized_end=2032
+  _globals['_DESCRIBERESPONSE']._serialized_start=2035
+  _globals['_DESCRIBERESPONSE']._serialized_end=2268
+  _globals['_REGISTERSHAREDMEMORYREQUEST']._serialized_start=2270
+  _globals['_REGISTERSHAREDMEMORYREQUEST']._serialized_end=2378
+  _globals['_REGISTERSHAREDMEMORYRESPONSE']._serialized_start=2380
+  _globals['_REGISTERSHAREDMEMORYRESPONSE']._serialized_end=2410
+  _globals['_SHAREDMEMORYSTATUSREQUEST']._serialized_start=2412
+  _globals['_SHAREDMEMORYSTATUSREQUEST']._serialized_end=2455
+  _globals['_SHAREDMEMORYREGIONSTATUS']._serialized_start=2457
+  _globals['_SHAREDMEMORYREGIONSTATUS']._serialized_end=2581
+  _globals['_SHAREDMEMORYSTATUSRESPONSE']._serialized_start=2583
+  _globals['_SHAREDMEMORYSTATUSRESPONSE']._serialized_end=2662
+  _globals['_UNREGISTERSHAREDMEMORYREQUEST']._serialized_start=2664
+  _globals['_UNREGISTERSHAREDMEMORYREQUEST']._serialized_end=2711
+  _globals['_UNREGISTERSHAREDMEMORYRESPONSE']._serialized_start=2713
+  _globals['_UNREGISTERSHAREDMEMORYRESPONSE']._serialized_end=2767
+  _globals['_HOLDSHAREDMEMORYREQUEST']._serialized_start=2769
+  _globals['_HOLDSHAREDMEMORYREQUEST']._serialized_end=2794
+  _globals['_HOLDSHAREDMEMORYRESPONSE']._serialized_start=2796
+  _globals['_HOLDSHAREDMEMORYRESPONSE']._serialized_end=2837
+  _globals['_UPLOADFEATURESREQUEST']._serialized_start=2840
+  _globals['_UPLOADFEATURESREQUEST']._serialized_end=3010
+  _globals['_UPLOADFEATURESRESPONSE']._serialized_start=3013
+  _globals['_UPLOADFEATURESRESPONSE']._serialized_end=3147
+  _globals['_RELEASEFEATURESREQUEST']._serialized_start=3149
+  _globals['_RELEASEFEATURESREQUEST']._serialized_end=3189
+  _globals['_RELEASEFEATURESRESPONSE']._serialized_start=3191
+  _globals['_RELEASEFEATURESRESPONSE']._serialized_end=3234
+  _globals['_ROISERVICE']._serialized_start=3581
+  _globals['_ROISERVICE']._serialized_end=4327
 # @@protoc_insertion_point(module_scope)

@@ -134,13 +134,14 @@ class BoxList(_message.Message):
     def __init__(self, boxes: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
 
 class PoolRequest(_message.Message):
-    __slots__ = ("id", "op", "params", "input", "pyramid", "ragged", "boxes", "out_dtype", "output_region")
+    __slots__ = ("id", "op", "params", "input", "pyramid", "ragged", "handle", "boxes", "out_dtype", "output_region")
     ID_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     PYRAMID_FIELD_NUMBER: _ClassVar[int]
     RAGGED_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
     BOXES_FIELD_NUMBER: _ClassVar[int]
     OUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_REGION_FIELD_NUMBER: _ClassVar[int]
@@ -150,10 +151,11 @@ class PoolRequest(_message.Message):
     input: Tensor
     pyramid: FeaturePyramid
     ragged: RaggedMaps
+    handle: str
     boxes: Boxes
     out_dtype: DType
     output_region: SharedMemoryRef
-    def __init__(self, id: _Optional[str] = ..., op: _Optional[_Union[Op, str]] = ..., params: _Optional[_Union[PoolParams, _Mapping]] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., pyramid: _Optional[_Union[FeaturePyramid, _Mapping]] = ..., ragged: _Optional[_Union[RaggedMaps, _Mapping]] = ..., boxes: _Optional[_Union[Boxes, _Mapping]] = ..., out_dtype: _Optional[_Union[DType, str]] = ..., output_region: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., op: _Optional[_Union[Op, str]] = ..., params: _Optional[_Union[PoolParams, _Mapping]] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., pyramid: _Optional[_Union[FeaturePyramid, _Mapping]] = ..., ragged: _Optional[_Union[RaggedMaps, _Mapping]] = ..., handle: _Optional[str] = ..., boxes: _Optional[_Union[Boxes, _Mapping]] = ..., out_dtype: _Optional[_Union[DType, str]] = ..., output_region: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_seconds", "compute_seconds", "total_seconds", "batch_id", "batch_requests", "batch_boxes")
@@ -223,8 +225,20 @@ class Limits(_message.Message):
     max_queue: int
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_boxes: _Optional[int] = ..., max_output_elements: _Optional[int] = ..., max_batch_boxes: _Optional[int] = ..., max_batch_bytes: _Optional[int] = ..., max_batch_requests: _Optional[int] = ..., max_wait_ms: _Optional[float] = ..., max_queue: _Optional[int] = ...) -> None: ...
 
+class FeatureStore(_message.Message):
+    __slots__ = ("enabled", "budget_bytes", "caller_bytes", "ttl_seconds")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CALLER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    budget_bytes: int
+    caller_bytes: int
+    ttl_seconds: float
+    def __init__(self, enabled: _Optional[bool] = ..., budget_bytes: _Optional[int] = ..., caller_bytes: _Optional[int] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
+
 class DescribeResponse(_message.Message):
-    __slots__ = ("version", "device", "device_name", "ops", "dtypes", "limits", "torch_version", "threads")
+    __slots__ = ("version", "device", "device_name", "ops", "dtypes", "limits", "torch_version", "threads", "feature_store")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +247,7 @@ class DescribeResponse(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     TORCH_VERSION_FIELD_NUMBER: _ClassVar[int]
     THREADS_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_STORE_FIELD_NUMBER: _ClassVar[int]
     version: str
     device: str
     device_name: str
@@ -241,7 +256,8 @@ class DescribeResponse(_message.Message):
     limits: Limits
     torch_version: str
     threads: int
-    def __init__(self, version: _Optional[str] = ..., device: _Optional[str] = ..., device_name: _Optional[str] = ..., ops: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., torch_version: _Optional[str] = ..., threads: _Optional[int] = ...) -> None: ...
+    feature_store: FeatureStore
+    def __init__(self, version: _Optional[str] = ..., device: _Optional[str] = ..., device_name: _Optional[str] = ..., ops: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., torch_version: _Optional[str] = ..., threads: _Optional[int] = ..., feature_store: _Optional[_Union[FeatureStore, _Mapping]] = ...) -> None: ...
 
 class RegisterSharedMemoryRequest(_message.Message):
     __slots__ = ("region", "key", "offset", "byte_size", "lease")
@@ -310,3 +326,43 @@ class HoldSharedMemoryResponse(_message.Message):
     LEASE_FIELD_NUMBER: _ClassVar[int]
     lease: str
     def __init__(self, lease: _Optional[str] = ...) -> None: ...
+
+class UploadFeaturesRequest(_message.Message):
+    __slots__ = ("input", "pyramid", "ragged", "ttl_seconds")
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    PYRAMID_FIELD_NUMBER: _ClassVar[int]
+    RAGGED_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    input: Tensor
+    pyramid: FeaturePyramid
+    ragged: RaggedMaps
+    ttl_seconds: float
+    def __init__(self, input: _Optional[_Union[Tensor, _Mapping]] = ..., pyramid: _Optional[_Union[FeaturePyramid, _Mapping]] = ..., ragged: _Optional[_Union[RaggedMaps, _Mapping]] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
+
+class UploadFeaturesResponse(_message.Message):
+    __slots__ = ("handle", "byte_size", "ttl_seconds", "expires_at", "num_images", "kind")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    handle: str
+    byte_size: int
+    ttl_seconds: float
+    expires_at: float
+    num_images: int
+    kind: str
+    def __init__(self, handle: _Optional[str] = ..., byte_size: _Optional[int] = ..., ttl_seconds: _Optional[float] = ..., expires_at: _Optional[float] = ..., num_images: _Optional[int] = ..., kind: _Optional[str] = ...) -> None: ...
+
+class ReleaseFeaturesRequest(_message.Message):
+    __slots__ = ("handle",)
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    handle: str
+    def __init__(self, handle: _Optional[str] = ...) -> None: ...
+
+class ReleaseFeaturesResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    def __init__(self, released: _Optional[bool] = ...) -> None: ...

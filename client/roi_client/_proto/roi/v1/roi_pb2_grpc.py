@@ -70,6 +70,16 @@ class RoIServiceStub:
                 request_serializer=roi_dot_v1_dot_roi__pb2.HoldSharedMemoryRequest.SerializeToString,
                 response_deserializer=roi_dot_v1_dot_roi__pb2.HoldSharedMemoryResponse.FromString,
                 _registered_method=True)
+        self.UploadFeatures = channel.stream_unary(
+                '/roi.v1.RoIService/UploadFeatures',
+                request_serializer=roi_dot_v1_dot_roi__pb2.UploadFeaturesRequest.SerializeToString,
+                response_deserializer=roi_dot_v1_dot_roi__pb2.UploadFeaturesResponse.FromString,
+                _registered_method=True)
+        self.ReleaseFeatures = channel.unary_unary(
+                '/roi.v1.RoIService/ReleaseFeatures',
+                request_serializer=roi_dot_v1_dot_roi__pb2.ReleaseFeaturesRequest.SerializeToString,
+                response_deserializer=roi_dot_v1_dot_roi__pb2.ReleaseFeaturesResponse.FromString,
+                _registered_method=True)
 
 
 class RoIServiceServicer:
@@ -141,6 +151,33 @@ class RoIServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadFeatures(self, request_iterator, context):
+        """Feature handles: maps uploaded once and pooled by many requests (the box and mask heads
+        of one forward pass, the stages of a cascade), which then name the handle
+        (PoolRequest.handle) instead of carrying the maps. The server keeps the maps in memory it
+        owns (on the device it computes on) within a byte budget (--feature-store-bytes; 0 turns
+        these calls off: FAILED_PRECONDITION), for a time-to-live refreshed by every use
+        (--feature-ttl), evicting the least recently used handles when an upload needs room.
+        A handle belongs to the caller that uploaded it (with token authentication on, to its
+        token; another token is told it is unknown).
+
+        Stores one map, a ragged set or a pyramid. The maps may come in several messages, each
+        holding whole images (the i-th message's images follow those of the messages before it),
+        so that an upload can exceed the message size limit. Every message must give the same
+        kind of features, with the same channels, dtype and levels.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseFeatures(self, request, context):
+        """Drops a handle. Idempotent: releasing a handle that is unknown, expired, evicted or
+        released already is not an error (released is then false).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RoIServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +215,16 @@ def add_RoIServiceServicer_to_server(servicer, server):
                     servicer.HoldSharedMemory,
                     request_deserializer=roi_dot_v1_dot_roi__pb2.HoldSharedMemoryRequest.FromString,
                     response_serializer=roi_dot_v1_dot_roi__pb2.HoldSharedMemoryResponse.SerializeToString,
+            ),
+            'UploadFeatures': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadFeatures,
+                    request_deserializer=roi_dot_v1_dot_roi__pb2.UploadFeaturesRequest.FromString,
+                    response_serializer=roi_dot_v1_dot_roi__pb2.UploadFeaturesResponse.SerializeToString,
+            ),
+            'ReleaseFeatures': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseFeatures,
+                    request_deserializer=roi_dot_v1_dot_roi__pb2.ReleaseFeaturesRequest.FromString,
+                    response_serializer=roi_dot_v1_dot_roi__pb2.ReleaseFeaturesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -369,6 +416,60 @@ class RoIService:
             '/roi.v1.RoIService/HoldSharedMemory',
             roi_dot_v1_dot_roi__pb2.HoldSharedMemoryRequest.SerializeToString,
             roi_dot_v1_dot_roi__pb2.HoldSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadFeatures(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/roi.v1.RoIService/UploadFeatures',
+            roi_dot_v1_dot_roi__pb2.UploadFeaturesRequest.SerializeToString,
+            roi_dot_v1_dot_roi__pb2.UploadFeaturesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseFeatures(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/roi.v1.RoIService/ReleaseFeatures',
+            roi_dot_v1_dot_roi__pb2.ReleaseFeaturesRequest.SerializeToString,
+            roi_dot_v1_dot_roi__pb2.ReleaseFeaturesResponse.FromString,
             options,
             channel_credentials,
             insecure,
