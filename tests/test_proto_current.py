@@ -26,7 +26,9 @@ def _gen_protos():
 
 def _requirements() -> dict[str, Requirement]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    reqs = list(project["dependencies"]) + [r for extra in project["optional-dependencies"].values() for r in extra]
+    reqs = list(project["dependencies"]) + [
+        r for extra in project["optional-dependencies"].values() for r in extra
+    ]
     out = {}
     for text in reqs:
         r = Requirement(text)
@@ -36,7 +38,10 @@ def _requirements() -> dict[str, Requirement]:
 
 def _protobuf_gencode_version() -> Version:
     text = (GENERATED / "roi" / "v1" / "roi_pb2.py").read_text()
-    found = re.search(r"ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,\s*(\d+),\s*(\d+),\s*(\d+),", text)
+    found = re.search(
+        r"ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,\s*(\d+),\s*(\d+),\s*(\d+),",
+        text,
+    )
     assert found, "roi_pb2.py has no runtime version check"
     return Version(".".join(found.groups()))
 
@@ -54,8 +59,12 @@ def test_generated_code_is_current(tmp_path):
     fresh = gen.generate(tmp_path)
     assert fresh, "nothing generated"
     names = {p.relative_to(tmp_path) for p in fresh}
-    committed = {p.relative_to(GENERATED) for p in GENERATED.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
-    assert names == committed, f"files differ: only generated {names - committed}, only committed {committed - names}"
+    committed = {
+        p.relative_to(GENERATED) for p in GENERATED.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    }
+    assert names == committed, (
+        f"files differ: only generated {names - committed}, only committed {committed - names}"
+    )
     stale = [str(rel) for rel in names if (tmp_path / rel).read_text() != (GENERATED / rel).read_text()]
     assert not stale, f"stale generated code {stale}: run python scripts/gen_protos.py"
 
@@ -66,7 +75,9 @@ def test_the_generator_is_the_pinned_grpcio_tools():
     assert len(pinned) == 1, f"grpcio-tools must be pinned exactly, got {pin}"
     assert Version(pinned[0]) == _grpc_generated_version()
     installed = importlib.metadata.version("grpcio-tools")
-    assert installed == pinned[0], f"grpcio-tools {installed} installed, {pinned[0]} pinned: the check above means nothing"
+    assert installed == pinned[0], (
+        f"grpcio-tools {installed} installed, {pinned[0]} pinned: the check above means nothing"
+    )
 
 
 def test_protobuf_pin_matches_the_generated_code():
@@ -95,3 +106,32 @@ def test_grpcio_pin_matches_the_generated_code():
 def test_generated_files_import_package_relative(name):
     text = (GENERATED / "roi" / "v1" / name).read_text()
     assert not re.search(r"^from roi(\.| )", text, re.MULTILINE), "a top-level `roi` import"
+
+
+@pytest.mark.parametrize("name", ["grpc_service_pb2.py", "grpc_service_pb2_grpc.py", "grpc_service_pb2.pyi"])
+def test_oip_generated_files_import_package_relative(name):
+    """The Open Inference Protocol's code lives inside our package: no top-level `inference`
+    module (a name other packages use) is imported or installed."""
+    text = (GENERATED / "inference" / name).read_text()
+    assert not re.search(r"^from inference(\.| )|^import inference", text, re.MULTILINE), (
+        "a top-level `inference` import"
+    )
+
+
+def test_oip_proto_keeps_the_protocol_names():
+    """Clients call /inference.GRPCInferenceService/<method>: the package and service names are
+    the protocol's, whatever the Python module's path."""
+    from roi_client._proto.inference import grpc_service_pb2
+
+    assert grpc_service_pb2.DESCRIPTOR.package == "inference"
+    service = grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    assert service.full_name == "inference.GRPCInferenceService"
+    assert {
+        "ServerLive",
+        "ServerReady",
+        "ModelReady",
+        "ServerMetadata",
+        "ModelMetadata",
+        "ModelInfer",
+        "ModelStreamInfer",
+    } <= set(service.methods_by_name)

@@ -405,7 +405,11 @@ def _expected_inputs(model: str) -> str:
     return "input and rois"
 
 
-def translate(req: pb.ModelInferRequest, raw_inputs: list[Any]) -> tuple[roi_pb2.PoolRequest, _Views]:
+def translate(
+    req: pb.ModelInferRequest,
+    raw_inputs: list[Any],
+    shm_view: Callable[[roi_pb2.SharedMemoryRef, str], Any] | None = None,
+) -> tuple[roi_pb2.PoolRequest, _Views]:
     """The roi.v1 PoolRequest that ``req`` means, each tensor's data a placeholder for its
     bytes in the returned frame. Checks what only the OIP form can get wrong (names,
     datatypes, where the bytes are); the rest is :func:`decode_request`'s."""
@@ -463,7 +467,12 @@ def translate(req: pb.ModelInferRequest, raw_inputs: list[Any]) -> tuple[roi_pb2
                     where, "has no data: give raw_input_contents, typed contents or a shared memory region"
                 )
         if inp.datatype == "INT64":
-            image_sizes = _image_sizes(inp, ref, data if ref is None else None, where)
+            if ref is not None:
+                # A few bytes, read now (the maps and boxes are read in place by the decoder).
+                if shm_view is None:
+                    raise InvalidArgument(where, "names a shared memory region, and shared memory is off")
+                data = bytes(shm_view(ref, where))
+            image_sizes = _image_sizes(inp, data, where)
             continue
         tensor = roi_pb2.Tensor(
             dtype=MAP_DATATYPES.get(inp.datatype, roi_pb2.DTYPE_FLOAT32), shape=list(inp.shape)
@@ -543,11 +552,7 @@ def _typed(inp: pb.ModelInferRequest.InferInputTensor, where: str) -> np.ndarray
     return wire.little_endian(np.asarray(values, dtype=dtype))
 
 
-def _image_sizes(
-    inp: pb.ModelInferRequest.InferInputTensor, ref: roi_pb2.SharedMemoryRef | None, data: Any, where: str
-) -> np.ndarray:
-    if ref is not None:
-        raise InvalidArgument(where, "must travel in the message (it is a few bytes), not in shared memory")
+def _image_sizes(inp: pb.ModelInferRequest.InferInputTensor, data: Any, where: str) -> np.ndarray:
     if len(inp.shape) != 2 or inp.shape[1] != 2:
         raise InvalidArgument(f"{where} shape", f"must be [N, 2] (height, width), got {list(inp.shape)}")
     n = int(inp.shape[0])
@@ -829,7 +834,9 @@ class OIPService:
             req_id, model = req.id, req.model_name
             if model in OP_OF_MODEL:
                 op = model
-            pool_req, frame = translate(req, raw_inputs)
+            pool_req, frame = translate(
+                req, raw_inputs, lambda ref, where: self.shm.registry.view(owner, ref, where)
+            )
             registry = self.shm.registry
             nbytes = len(raw) + sum(t.shared_memory.byte_size for t in _shm_tensors(pool_req))
             try:
