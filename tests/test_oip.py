@@ -280,6 +280,29 @@ def all_cases(seed: int, variants=(0, 1)) -> dict[str, OIPCase]:
 # With tritonclient
 
 
+def test_our_proto_is_tritonclients(triton_python, tmp_path):
+    """Every message, field and method of protos/inference/grpc_service.proto has the name,
+    number and type of tritonclient's own (tests/oip/compare_descriptors.py)."""
+    from google.protobuf import descriptor_pb2
+
+    ours = descriptor_pb2.FileDescriptorProto()
+    pb.DESCRIPTOR.CopyToProto(ours)
+    (tmp_path / "ours.desc").write_bytes(ours.SerializeToString())
+    done = subprocess.run(
+        [
+            str(triton_python),
+            str(TRITON_CALLS.parent / "compare_descriptors.py"),
+            str(tmp_path / "ours.desc"),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "methods agree" in done.stdout
+
+
 def test_tritonclient_every_model_and_datatype(server, triton_python, tmp_path, seed):
     """Every model in FP32, FP16, BF16 and FP64 through InferenceServerClient.infer (raw
     contents), and FP32/FP64 as typed contents, equal roi_kernels bit for bit."""
