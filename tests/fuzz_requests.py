@@ -1104,9 +1104,11 @@ def classify(case: FuzzCase, code: grpc.StatusCode, message: str, response: byte
         if resp.id != case.request.id:
             raise Violation(f"result id {resp.id!r}, expected {case.request.id!r}")
         return "OK"
-    # A reference to shared memory may also find it off, or its region shrunk.
+    # A reference to shared memory may also find it off, or its region shrunk; a feature
+    # handle (damaged bytes can name one) is unknown.
     shm = any(k.startswith("shm_ref") for k in case.mutations)
-    if code not in REFUSALS and not (shm and code == grpc.StatusCode.FAILED_PRECONDITION):
+    handle = case.request is not None and case.request.WhichOneof("features") == "handle"
+    if code not in REFUSALS and not ((shm or handle) and code == grpc.StatusCode.FAILED_PRECONDITION):
         raise Violation(f"status {code.name}: {message!r}")
     if case.valid and code == grpc.StatusCode.INVALID_ARGUMENT:
         raise Violation(f"a valid request was refused: {message!r}")
