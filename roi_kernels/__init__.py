@@ -4,6 +4,7 @@ The extension is compiled on first import (see :mod:`roi_kernels._build` for the
 and the switches) and registers ``torch.ops.roi_kernels.*``.
 """
 
+from . import _autograd  # noqa: F401  (registers the ops' gradients)
 from ._build import BuildError
 from .modules import MultiScaleRoIAlign, PSRoIAlign, PSRoIPool, RoIAlign, RoIAlignRotated, RoIPool
 from .ops import (
