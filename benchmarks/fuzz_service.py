@@ -11,7 +11,10 @@ and (--stream-share of them) in PoolStreams of up to 32, and every answer is jud
 ``classify``: a result of the shape, dtype and id that follow from the request, or
 INVALID_ARGUMENT / RESOURCE_EXHAUSTED with a short message that reveals no internals; a valid
 request must get a result, equal bit for bit to the in-process roi_kernels call (unless
---no-verify). The roi-server it starts has caps below its defaults (--server-args), so that
+--no-verify). Alongside, --uploads feature uploads (UploadFeatures streams, valid and broken,
+from the same module) are sent by two more threads and judged by ``classify_upload``; a third
+of the handles stored are released at once, the rest left to eviction, and the store's bytes
+(``roi_feature_store_bytes``) must stay within its budget at every check. The roi-server it starts has caps below its defaults (--server-args), so that
 requests over them are frequent. Meanwhile the server must stay SERVING and its process alive; at the end its
 queue must be empty and a probe request must get its exact result.
 
@@ -51,11 +54,15 @@ from fuzz_requests import (
     GONE_REGION,
     POOL_METHOD,
     POOL_STREAM_METHOD,
+    UPLOAD_METHOD,
     FuzzCase,
+    UploadCase,
     Violation,
     classify,
+    classify_upload,
     decoded_output,
     pool_requests,
+    random_upload,
     reference_output,
     status_code,
 )
@@ -69,6 +76,7 @@ STREAM_GROUP = 32
 # absurd output sizes, messages over 1 MiB); the valid cases stay far below them.
 DEFAULT_SERVER_ARGS = (
     "--max-boxes 1024 --max-output-elements 2097152 --max-message-bytes 1048576 --allow-shared-memory"
+    " --feature-store-bytes 1048576"
 )
 MAX_PRINTED = 20
 OUTCOMES = ("OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "violation")
@@ -214,6 +222,17 @@ class Tally:
                 if len(self.violations) <= MAX_PRINTED:
                     print(f"\nVIOLATION ({via}): {problem}\n{case.describe()}\n", file=sys.stderr)
 
+    def record_upload(self, case: UploadCase, outcome: str, problem: str | None = None) -> None:
+        with self.lock:
+            self.outcomes[outcome] += 1
+            for kind in case.mutations or ("(valid)",):
+                self.by_kind[f"upload: {kind}"][outcome] += 1
+            if problem is not None:
+                what = f"upload [{', '.join(case.mutations) or 'valid'}] of {len(case.messages)} message(s)"
+                self.violations.append({"via": "UploadFeatures", "problem": problem, "case": what})
+                if len(self.violations) <= MAX_PRINTED:
+                    print(f"\nVIOLATION (UploadFeatures): {problem}\n{what}\n", file=sys.stderr)
+
     def problem(self, text: str) -> None:
         with self.lock:
             self.violations.append({"via": "server", "problem": text, "case": None})
@@ -260,6 +279,31 @@ def send_one(channel: grpc.Channel, case: FuzzCase, timeout: float, tally: Tally
     except grpc.RpcError as exc:
         response, code, message = None, exc.code(), exc.details() or ""
     judge(tally, case, code, message, response, verify, "Pool")
+
+
+def send_uploads(channel: grpc.Channel, count: int, run_seed: int, timeout: float, tally: Tally, stop) -> None:
+    """``count`` uploads from :func:`random_upload` (seeded by ``run_seed``), one at a time."""
+    rng = np.random.default_rng(run_seed)
+    upload = channel.stream_unary(UPLOAD_METHOD)
+    release = channel.unary_unary("/roi.v1.RoIService/ReleaseFeatures")
+    for _ in range(count):
+        if stop.is_set():
+            return
+        case = random_upload(rng, max_side=48)
+        try:
+            response = upload(iter(case.messages), timeout=timeout)
+            code, message = grpc.StatusCode.OK, ""
+        except grpc.RpcError as exc:
+            response, code, message = None, exc.code(), exc.details() or ""
+        try:
+            outcome = classify_upload(case, code, message, response)
+        except Violation as exc:
+            tally.record_upload(case, "violation", str(exc))
+            continue
+        tally.record_upload(case, outcome)
+        if response is not None and rng.random() < 1 / 3:
+            handle = roi_pb2.UploadFeaturesResponse.FromString(response).handle
+            release(roi_pb2.ReleaseFeaturesRequest(handle=handle).SerializeToString(), timeout=timeout)
 
 
 def send_stream(
@@ -358,6 +402,9 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=None, help="hypothesis seed (default: a fresh one, printed)")
     p.add_argument("--concurrency", type=int, default=8, help="calls in flight at once")
     p.add_argument("--stream-share", type=float, default=0.2, help="share of the cases sent in PoolStreams")
+    p.add_argument(
+        "--uploads", type=int, default=None, help="feature uploads to send besides (default: a tenth of --cases)"
+    )
     p.add_argument("--address", help="fuzz this server instead of starting one")
     p.add_argument("--metrics-url", help="its /metrics (for the queue depth at the end)")
     p.add_argument(
@@ -399,6 +446,8 @@ def main() -> int:
     work: queue.Queue = queue.Queue(maxsize=4 * args.concurrency)
     stop = threading.Event()
     health_log: Counter = Counter()
+    store_checks = 0
+    uploads = 0
     start = time.perf_counter()
     try:
         grpc.channel_ready_future(channel).result(timeout=30)
@@ -428,6 +477,15 @@ def main() -> int:
                     tally.problem(f"the fuzzer itself failed: {type(exc).__name__}: {exc}")
 
         workers = [threading.Thread(target=worker, daemon=True) for _ in range(args.concurrency)]
+        uploads = args.cases // 10 if args.uploads is None else args.uploads
+        workers += [
+            threading.Thread(
+                target=send_uploads,
+                args=(channel, uploads // 2 + (uploads % 2) * (i == 0), run_seed + i, args.timeout, tally, stop),
+                daemon=True,
+            )
+            for i in range(2 if uploads else 0)
+        ]
         for w in workers:
             w.start()
         last_check = 0.0
@@ -436,7 +494,7 @@ def main() -> int:
             now = time.perf_counter()
             done = tally.done
             print(
-                f"\r{done}/{args.cases} cases, {done / (now - start):.0f}/s, "
+                f"\r{done}/{args.cases + uploads} cases, {done / (now - start):.0f}/s, "
                 + ", ".join(f"{o} {tally.outcomes[o]}" for o in OUTCOMES),
                 end="",
                 file=sys.stderr,
@@ -452,6 +510,12 @@ def main() -> int:
                 health_log[status] += 1
                 if status != "SERVING":
                     tally.problem(f"health {status} during the run")
+                if server.metrics_url:
+                    held = metric(server.metrics_url, "roi_feature_store_bytes") or 0.0
+                    budget = metric(server.metrics_url, "roi_feature_store_budget_bytes")
+                    store_checks += 1
+                    if budget is not None and held > budget:
+                        tally.problem(f"the feature store holds {held:.0f} bytes, above its budget of {budget:.0f}")
         print(file=sys.stderr)
         wall = time.perf_counter() - start
 
@@ -502,6 +566,8 @@ def main() -> int:
         "valid_results_verified": tally.verified if verify else None,
         "by_mutation_kind": {k: dict(c) for k, c in sorted(kinds.items())},
         "by_extreme": {k: dict(c) for k, c in sorted(tally.extremes.items())},
+        "uploads": uploads,
+        "feature_store_checks_during_run": store_checks,
         "health_checks_during_run": dict(health_log),
         "health_after": final_health,
         "queue_depth_after": queue_depth,

@@ -1199,3 +1199,214 @@ def reference_output(req: roi_pb2.PoolRequest):
             {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16, F64: torch.float64}[req.out_dtype]
         )
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Uploads (UploadFeatures): a client stream of messages, each some images of one map, a
+# ragged set or a pyramid
+
+UPLOAD_METHOD = "/roi.v1.RoIService/UploadFeatures"
+UPLOAD_KINDS = ("map", "ragged", "pyramid")
+# Mutations after which the upload must be refused; "garbage" (random bytes for a message)
+# and "shuffle" may by chance still make a valid upload.
+UPLOAD_MUTATIONS = (
+    "garbage",
+    "unknown_dtype",
+    "short_data",
+    "kind_mix",
+    "channels",
+    "dtype_mix",
+    "ttl",
+    "no_features",
+    "rank",
+    "no_messages",
+    "shm_ref",
+    "huge_dims",
+    "image_sizes",
+    "scales",
+    "zero_dim",
+)
+_MAYBE_VALID = {"garbage"}
+
+
+@dataclass
+class UploadCase:
+    """An upload to send: its messages, what was done to a valid one (empty: valid), and the
+    map bytes a valid one stores."""
+
+    messages: list[bytes]
+    mutations: tuple[str, ...] = ()
+    nbytes: int = 0
+    kind: str = ""
+
+    @property
+    def valid(self) -> bool:
+        return not self.mutations
+
+    @property
+    def must_fail(self) -> bool:
+        return any(m not in _MAYBE_VALID for m in self.mutations)
+
+
+def random_upload(rng: np.random.Generator, valid_share: float = 0.4, max_side: int = 24) -> UploadCase:
+    """A valid upload of 1 to 3 messages (each of 1 to 3 images; every dtype; maps of up to
+    ``max_side`` pixels a side), left alone with probability ``valid_share``, else broken by
+    one mutation of :data:`UPLOAD_MUTATIONS`."""
+    kind = UPLOAD_KINDS[int(rng.integers(0, 3))]
+    dtype = VALID_DTYPES[int(rng.integers(0, len(VALID_DTYPES)))]
+    c = int(rng.integers(1, 9))
+    chunks = [int(rng.integers(1, 4)) for _ in range(int(rng.integers(1, 4)))]
+    h, w = int(rng.integers(1, max_side + 1)), int(rng.integers(1, max_side + 1))
+    levels = int(rng.integers(1, 4))
+    by_scales = bool(rng.integers(0, 2))
+    msgs: list[roi_pb2.UploadFeaturesRequest] = []
+    nbytes = 0
+    for n in chunks:
+        m = roi_pb2.UploadFeaturesRequest()
+        if kind == "map":
+            shape = (n, c, h, w)
+            m.input.CopyFrom(_tensor(dtype, shape, _values(dtype, shape, rng, False)))
+            nbytes += math.prod(shape) * ITEMSIZE[dtype]
+        elif kind == "ragged":
+            m.ragged.SetInParent()
+            for _ in range(n):
+                shape = (c, int(rng.integers(1, max_side + 1)), int(rng.integers(1, max_side + 1)))
+                m.ragged.maps.add().CopyFrom(_tensor(dtype, shape, _values(dtype, shape, rng, False)))
+                nbytes += math.prod(shape) * ITEMSIZE[dtype]
+        else:
+            # Level l is 1/2**(l+2) of a 64-pixel image: scales 1/4, 1/8, ... whether given or
+            # inferred (from image heights of 48 to 64, which round the same way).
+            for lv in range(levels):
+                side = max(1, 16 >> lv)
+                shape = (n, c, side, side)
+                level = m.pyramid.levels.add()
+                level.map.CopyFrom(_tensor(dtype, shape, _values(dtype, shape, rng, False)))
+                nbytes += math.prod(shape) * ITEMSIZE[dtype]
+                if by_scales:
+                    level.spatial_scale = 0.25 / (1 << lv)
+            if not by_scales:
+                for _ in range(n):
+                    m.pyramid.image_sizes.add(height=int(rng.integers(48, 65)), width=int(rng.integers(48, 65)))
+        msgs.append(m)
+    if rng.random() < 0.5:
+        msgs[0].ttl_seconds = float(rng.choice([0.5, 10.0, 1e9]))
+    mutations: list[str] = []
+    if rng.random() >= valid_share:
+        mutations.append(_break_upload(rng, msgs, kind))
+    raw = [m.SerializeToString() for m in msgs]
+    if "garbage" in mutations:
+        i = int(rng.integers(0, len(raw)))
+        raw[i] = rng.bytes(int(rng.integers(0, 64)))
+    if "no_messages" in mutations:
+        raw = []
+    return UploadCase(raw, tuple(mutations), nbytes, kind)
+
+
+def _first_tensor(m: roi_pb2.UploadFeaturesRequest) -> roi_pb2.Tensor:
+    which = m.WhichOneof("features")
+    if which == "input":
+        return m.input
+    if which == "ragged":
+        return m.ragged.maps[0]
+    return m.pyramid.levels[0].map
+
+
+def _break_upload(rng: np.random.Generator, msgs: list[roi_pb2.UploadFeaturesRequest], kind: str) -> str:
+    choices = [k for k in UPLOAD_MUTATIONS if not (k in ("image_sizes", "scales") and kind != "pyramid")]
+    if len(msgs) < 2:
+        choices = [k for k in choices if k not in ("kind_mix", "channels", "dtype_mix")]
+    what = choices[int(rng.integers(0, len(choices)))]
+    i = int(rng.integers(0, len(msgs)))
+    t = _first_tensor(msgs[i])
+    if what == "unknown_dtype":
+        t.dtype = UNKNOWN_DTYPES[int(rng.integers(0, len(UNKNOWN_DTYPES)))]
+    elif what == "short_data":
+        t.data = t.data[: len(t.data) - int(rng.integers(1, len(t.data) + 1))]
+    elif what == "kind_mix":
+        other = [k for k in ("input", "ragged", "pyramid") if k != msgs[0].WhichOneof("features")]
+        pick = other[int(rng.integers(0, 2))]
+        m = msgs[-1]
+        if pick == "input":
+            m.input.CopyFrom(_tensor(F32, (1, 1, 2, 2), bytes(16)))
+        elif pick == "ragged":
+            m.ragged.maps.add().CopyFrom(_tensor(F32, (1, 2, 2), bytes(16)))
+        else:
+            m.pyramid.levels.add().map.CopyFrom(_tensor(F32, (1, 1, 2, 2), bytes(16)))
+            m.pyramid.levels[0].spatial_scale = 0.25
+    elif what in ("channels", "dtype_mix"):
+        t = _first_tensor(msgs[-1])
+        shape = list(t.shape)
+        axis = 0 if len(shape) == 3 else 1
+        dtype = t.dtype
+        if what == "channels":
+            shape[axis] += 1
+        else:
+            dtype = F64 if t.dtype != F64 else F32
+        t.CopyFrom(_tensor(dtype, tuple(shape), bytes(math.prod(shape) * ITEMSIZE[dtype])))
+    elif what == "ttl":
+        msgs[0].ttl_seconds = float(rng.choice([-1.0, math.nan, -math.inf, math.inf]))
+        if math.isinf(msgs[0].ttl_seconds) and msgs[0].ttl_seconds > 0:
+            msgs[0].ttl_seconds = -5.0
+    elif what == "no_features":
+        msgs[i].ClearField(msgs[i].WhichOneof("features"))
+    elif what == "rank":
+        shape = list(t.shape) + [1] if rng.random() < 0.5 else list(t.shape)[1:]
+        _set_shape(t, shape)
+    elif what == "shm_ref":
+        t.shared_memory.CopyFrom(roi_pb2.SharedMemoryRef(region=GONE_REGION, offset=0, byte_size=len(t.data) or 4))
+    elif what == "huge_dims":
+        shape = list(t.shape)
+        shape[int(rng.integers(0, len(shape)))] = HUGE_DIMS[int(rng.integers(0, len(HUGE_DIMS)))]
+        _set_shape(t, shape)
+    elif what == "zero_dim":
+        shape = list(t.shape)
+        shape[int(rng.integers(0, len(shape)))] = 0
+        t.CopyFrom(_tensor(t.dtype, tuple(shape), b""))
+    elif what == "image_sizes":
+        m = msgs[i]
+        if m.pyramid.levels and m.pyramid.levels[0].HasField("spatial_scale"):
+            m.pyramid.levels[-1].ClearField("spatial_scale")  # scales on some levels only
+            if len(m.pyramid.levels) == 1:
+                m.pyramid.image_sizes.add(height=0, width=5)
+        elif m.pyramid.image_sizes:
+            if rng.random() < 0.5:
+                del m.pyramid.image_sizes[-1]
+            else:
+                m.pyramid.image_sizes[0].height = 0
+        else:
+            m.pyramid.image_sizes.add(height=0, width=5)
+    elif what == "scales":
+        m = msgs[i]
+        for lv in m.pyramid.levels:
+            lv.spatial_scale = float(rng.choice([0.3, -0.25, math.nan, 0.0, 3.0]))
+    return what
+
+
+@st.composite
+def upload_requests(draw, valid_share: float = 0.4) -> UploadCase:
+    """:func:`random_upload` as a hypothesis strategy (the draw picks its seed)."""
+    return random_upload(np.random.default_rng(draw(st.integers(0, 2**63 - 1))), valid_share)
+
+
+def classify_upload(case: UploadCase, code: grpc.StatusCode, message: str, response: bytes | None) -> str:
+    """The answer's category; raises :class:`Violation` for a status other than OK,
+    INVALID_ARGUMENT, RESOURCE_EXHAUSTED (the store's budget) or FAILED_PRECONDITION (handles
+    or shared memory off), a broken upload stored, a valid one refused as invalid, a handle
+    that does not hold the upload's bytes, or a bad message."""
+    if code == grpc.StatusCode.OK:
+        if case.must_fail:
+            raise Violation(f"a broken upload ({', '.join(case.mutations)}) was stored")
+        if response is None:
+            raise Violation("OK without a response")
+        resp = roi_pb2.UploadFeaturesResponse.FromString(response)
+        if len(resp.handle) < 16:
+            raise Violation(f"a guessable handle {resp.handle!r}")
+        if case.valid and (resp.byte_size != case.nbytes or resp.kind != case.kind):
+            raise Violation(f"stored {resp.byte_size} bytes of a {resp.kind}, sent {case.nbytes} of a {case.kind}")
+        return "OK"
+    if code not in REFUSALS and code != grpc.StatusCode.FAILED_PRECONDITION:
+        raise Violation(f"status {code.name}: {message!r}")
+    if case.valid and code == grpc.StatusCode.INVALID_ARGUMENT:
+        raise Violation(f"a valid upload was refused: {message!r}")
+    check_message(code, message)
+    return code.name

@@ -8,6 +8,7 @@ store within its budget."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,6 +18,7 @@ import pytest
 import torch
 import torchvision.ops as tv_ops
 from conftest import random_boxes
+from fuzz_requests import UploadCase, classify_upload, random_upload
 from roi_client import AsyncRoIClient, EncodedRequest, FeatureHandleGone, RoIClient, RoIError, codec
 from roi_client._proto.roi.v1 import roi_pb2
 from roi_client.channel import call_metadata
@@ -481,3 +483,58 @@ def test_metrics_on_the_http_endpoint(seed):
         assert sample(s, "roi_feature_uploads_total", code="OK") == 3
         assert sample(s, "roi_feature_uploads_total", code="RESOURCE_EXHAUSTED") == 1
         assert sample(s, "roi_feature_evictions_total") == 0
+
+
+def test_a_flood_of_concurrent_and_broken_uploads_keeps_the_store_within_its_budget(seed):
+    """Eight clients upload at once, valid uploads (some larger than the budget) and broken
+    ones (tests/fuzz_requests.py); the store's bytes, scraped all along, never pass the
+    budget, every answer obeys classify_upload, and the server serves plain requests after."""
+    rng = np.random.default_rng(seed)
+    budget = 96 << 10
+    cases = [random_upload(rng, max_side=40) for _ in range(240)]
+    assert any(c.valid and c.nbytes > budget for c in cases) and any(c.must_fail for c in cases)
+    with in_process_server(feature_store_bytes=budget, feature_ttl=5.0) as srv:
+        seen: list[float] = []
+        done = threading.Event()
+
+        def scraper() -> None:
+            while not done.is_set():
+                seen.append(sample(scrape(srv.metrics_url), "roi_feature_store_bytes"))
+
+        def send(part: list[UploadCase]) -> list[str]:
+            outcomes = []
+            with grpc.insecure_channel(srv.address) as channel:
+                call = channel.stream_unary(UPLOAD)
+                release = channel.unary_unary(RELEASE)
+                for case in part:
+                    try:
+                        raw = call(iter(case.messages), timeout=30)
+                    except grpc.RpcError as exc:
+                        outcomes.append(classify_upload(case, exc.code(), exc.details() or "", None))
+                        continue
+                    outcomes.append(classify_upload(case, grpc.StatusCode.OK, "", raw))
+                    if rng.random() < 0.3:
+                        handle = roi_pb2.UploadFeaturesResponse.FromString(raw).handle
+                        release(roi_pb2.ReleaseFeaturesRequest(handle=handle).SerializeToString(), timeout=10)
+            return outcomes
+
+        watcher = threading.Thread(target=scraper)
+        watcher.start()
+        try:
+            with ThreadPoolExecutor(8) as pool:
+                outcomes = [o for part in pool.map(send, [cases[i::8] for i in range(8)]) for o in part]
+        finally:
+            done.set()
+            watcher.join()
+        assert len(seen) >= 3 and max(seen) <= budget, (len(seen), max(seen))
+        assert {"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"} <= set(outcomes), set(outcomes)
+        assert registry_value(srv, "roi_feature_store_bytes") <= budget
+        assert registry_value(srv, "roi_feature_evictions_total") > 0
+        with RoIClient(srv.address, timeout=60) as client:
+            gen = torch.Generator().manual_seed(seed)
+            x = _maps(gen, (2, 8, 16, 16), torch.float32)
+            boxes = random_boxes(gen, 9, 64, 64, num_images=2)
+            want = roi_kernels.roi_align(x, boxes, 3, 0.25, 2)
+            assert_bitwise_equal(client.roi_align(x, boxes, 3, 0.25, 2), want)
+            with client.features(x) as fm:
+                assert_bitwise_equal(fm.roi_align(boxes, 3, 0.25, 2), want)

@@ -47,10 +47,11 @@ from typing import Any
 
 import grpc
 import torch
+from roi_client import codec as wire
 from roi_client import framing
 from roi_client._proto.roi.v1 import roi_pb2
 
-from .codec import MAP_SHAPES, _check_map, _Contents, _infer_scales, _positive_scale, _tensor
+from .codec import MAP_SHAPES, WIRE_OF_TORCH, _check_map, _Contents, _infer_scales, _positive_scale, _tensor
 from .errors import InvalidArgument, ServiceError
 from .metrics import ServiceMetrics
 from .shm import SharedMemoryRegistry
@@ -470,7 +471,8 @@ def _message_maps(
             up.dtype, up.channels = t.dtype, channels
             return
         if t.dtype != up.dtype:
-            raise InvalidArgument(f"{name}.dtype", f"must be the upload's dtype {up.dtype}, got {t.dtype}")
+            want, got = (wire.dtype_name(WIRE_OF_TORCH[d]) for d in (up.dtype, t.dtype))
+            raise InvalidArgument(f"{name}.dtype", f"must be the upload's dtype {want}, got {got}")
         if channels != up.channels:
             raise InvalidArgument(
                 f"{name}.shape", f"must have the upload's {up.channels} channels, got {channels}"
