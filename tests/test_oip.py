@@ -677,3 +677,33 @@ def test_field_names_are_reworded():
     assert oip.oip_field("params.sampling_ratio") == "parameter 'sampling_ratio'"
     assert oip.oip_field("input.shared_memory.byte_size") == "input 'input' shared_memory_byte_size"
     assert oip.oip_field("output_region.byte_size") == "output 'output' shared_memory_byte_size"
+
+
+def test_loadtest_over_oip(server, tmp_path):
+    """roi-loadtest --protocol oip drives the OIP endpoint with the standard workloads (results
+    checked against roi_kernels by --verify), and its client side imports no torch."""
+    out = tmp_path / "run.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for workload, dtype in (("tiny", "float32"), ("fpn-det", "float16")):
+        cmd = [sys.executable, "-c", "from roi_client.loadtest import main; raise SystemExit(main())", server.address,
+               "--protocol", "oip", "--workload", workload, "--dtype", dtype, "-n", "6", "--warmup", "0", "-c", "2",
+               "--verify", "2", "--json", str(out), "--quiet"]  # fmt: skip
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        run = json.loads(out.read_text())
+        assert run["meta"]["protocol"] == "oip"
+        r = run["runs"][0]
+        assert r["error_count"] == 0 and r["ok"] >= 6, r
+        assert r["verify"]["checked"] >= 1 and r["verify"]["mismatches"] == 0, r["verify"]
+    probe = (
+        "import sys; from roi_client.loadtest import cli, oip_senders; from roi_client import oip; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], check=False, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    ragged = subprocess.run(
+        [sys.executable, "-c", "from roi_client.loadtest import main; raise SystemExit(main())", server.address,
+         "--protocol", "oip", "--op", "ragged_roi_align", "-n", "1"],
+        check=False, capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert ragged.returncode == 2 and "no ragged maps" in ragged.stderr

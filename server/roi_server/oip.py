@@ -32,6 +32,7 @@ import torch
 from google.protobuf.message import DecodeError, Message
 from roi_client import codec as wire
 from roi_client import framing
+from roi_client import oip as wire_oip
 from roi_client._proto.inference import grpc_service_pb2 as pb
 from roi_client._proto.roi.v1 import roi_pb2
 
@@ -53,11 +54,9 @@ T = TypeVar("T")
 # As roi.v1's service: messages above this are parsed and serialised on a thread.
 OFF_LOOP_BYTES = 1 << 20
 # Below this a request is parsed by protobuf whole (its copies cost less than the walk).
-WALK_MIN_BYTES = framing.WALK_MIN_BYTES
+WALK_MIN_BYTES = wire_oip.WALK_MIN_BYTES
 DEADLINE_SLACK_S = 0.05
 
-RAW_INPUT_FIELD = 7  # ModelInferRequest.raw_input_contents
-RAW_OUTPUT_KEY = bytes([(6 << 3) | 2])  # ModelInferResponse.raw_output_contents
 
 MODELS = ("roi_align", "roi_pool", "ps_roi_align", "ps_roi_pool", "roi_align_rotated", "multiscale_roi_align")
 OP_OF_MODEL = {
@@ -155,103 +154,23 @@ class _Views(framing.Frame):
         return None
 
 
-def _varint(buf: Any, pos: int, end: int) -> tuple[int, int]:
-    value = shift = 0
-    while pos < end and shift < 64:
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-    raise ValueError("a truncated or overlong varint")
-
-
-def _split_raw_inputs(raw: bytes) -> tuple[bytes, list[tuple[int, int]]] | None:
-    """The message without its raw_input_contents fields, and where each of them lies in
-    ``raw``; None where the walk does not follow the message (protobuf then parses all of
-    it, or refuses it). Only top-level fields are walked: the payloads are top-level."""
-    n, pos = len(raw), 0
-    rest: list[bytes] = []
-    spans: list[tuple[int, int]] = []
-    run = 0
-    try:
-        while pos < n:
-            key_start = pos
-            key, pos = _varint(raw, pos, n)
-            number, wire_type = key >> 3, key & 7
-            if number == 0 or key >> 32:
-                return None
-            if wire_type == 0:
-                _, pos = _varint(raw, pos, n)
-            elif wire_type == 1:
-                pos += 8
-            elif wire_type == 5:
-                pos += 4
-            elif wire_type == 2:
-                length, body = _varint(raw, pos, n)
-                if length > n - body:
-                    return None
-                pos = body + length
-                if number == RAW_INPUT_FIELD:
-                    rest.append(raw[run:key_start])
-                    spans.append((body, length))
-                    run = pos
-            else:
-                return None
-            if pos > n:
-                return None
-    except ValueError:
-        return None
-    rest.append(raw[run:])
-    return b"".join(rest), spans
-
-
 def parse_infer_request(
     raw: bytes, min_bytes: int = WALK_MIN_BYTES
 ) -> tuple[pb.ModelInferRequest, list[Any]]:
     """``raw`` as a ModelInferRequest, and its raw_input_contents: views of ``raw`` for a
-    message of ``min_bytes`` or more (protobuf's copies otherwise)."""
+    message of ``min_bytes`` or more (:mod:`roi_client.oip`)."""
     try:
-        if len(raw) >= min_bytes:
-            split = _split_raw_inputs(raw)
-            if split is not None:
-                skeleton, spans = split
-                req = pb.ModelInferRequest.FromString(skeleton)
-                if not req.raw_input_contents:
-                    view = memoryview(raw)
-                    return req, [view[s : s + length] for s, length in spans]
-        req = pb.ModelInferRequest.FromString(raw)
+        req, raw_inputs = wire_oip.parse_infer_request(raw, min_bytes)
     except DecodeError as exc:
         raise InvalidArgument("", f"the message is not an inference.ModelInferRequest: {exc}") from None
-    return req, list(req.raw_input_contents)
-
-
-def _encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+    return req, raw_inputs
 
 
 def serialize_infer_response(
     resp: pb.ModelInferResponse, payload: Any | None, wrap_key: bytes = b""
 ) -> bytes:
-    """``resp`` with ``payload`` (any C-contiguous buffer) as its one raw_output_contents: the
-    header serialised by protobuf and the payload's memory joined once. ``wrap_key``: the key
-    of a length-delimited field of an outer message that holds ``resp`` (the outer message is
-    returned)."""
-    parts = [resp.SerializeToString()]
-    if payload is not None:
-        view = memoryview(payload)
-        view = view.cast("B") if view.nbytes else memoryview(b"")
-        parts += [RAW_OUTPUT_KEY, _encode_varint(view.nbytes), view]
-    if wrap_key:
-        size = sum(memoryview(x).nbytes for x in parts)
-        parts[:0] = [wrap_key, _encode_varint(size)]
-    return b"".join(parts)
+    """``resp`` with ``payload`` as its one raw_output_contents (none if None), joined once."""
+    return wire_oip.serialize_infer_response(resp, [] if payload is None else [payload], wrap_key)
 
 
 # -- translation ------------------------------------------------------------------------------

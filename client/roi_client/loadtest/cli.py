@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="reuse (default): glibc keeps large message buffers for the next call "
                            "(roi_client.reuse_freed_memory; halves this client's share of a call of tens "
                            "of MB); default: glibc as it is, as in a process that does not set it")
+    load.add_argument("--protocol", choices=("roi_v1", "oip"), default="roi_v1",
+                      help="roi_v1 (default) or oip: the Open Inference Protocol (KServe v2 / Triton gRPC ModelInfer), "
+                           "the same workload as one model request")
     load.add_argument("--shared-memory", action="store_true",
                       help="send through shared memory (a server on this host with --allow-shared-memory): "
                            "each connection writes the request's tensors of 64 KiB or more into a region once, "
@@ -199,8 +202,15 @@ def _client_options(args) -> dict:
 async def _main_async(args, work: wl.Workload, mode: str, steps, say) -> dict:
     from .senders import open_senders
 
-    senders, servers, close = await open_senders(args.targets, work, timeout=args.timeout,
-                                                 client_options=_client_options(args), shared_memory=args.shared_memory)
+    if args.protocol == "oip":
+        from .oip_senders import open_oip_senders
+
+        senders, servers, close = await open_oip_senders(args.targets, work, timeout=args.timeout,
+                                                         client_options=_client_options(args))
+    else:
+        senders, servers, close = await open_senders(args.targets, work, timeout=args.timeout,
+                                                     client_options=_client_options(args),
+                                                     shared_memory=args.shared_memory)
     plan = runner.Plan(
         warmup_s=args.warmup,
         duration_s=None if args.requests else (args.duration if args.duration is not None else 5.0),
@@ -254,6 +264,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"roi-loadtest: {exc}", file=sys.stderr)
         return 2
     mode, steps = _steps(args)
+    if args.protocol == "oip" and work.op == "ragged_roi_align":
+        print("roi-loadtest: --protocol oip: the Open Inference Protocol has no ragged maps; choose another op", file=sys.stderr)
+        return 2
+    if args.protocol == "oip" and args.shared_memory:
+        print("roi-loadtest: --shared-memory is roi.v1's; with --protocol oip the tensors travel in the messages", file=sys.stderr)
+        return 2
     if args.malloc == "reuse":
         reuse_freed_memory()
     cpus = os.cpu_count() or 0
@@ -265,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             "sweep-concurrency": "closed-loop sweep", "sweep-rate": "open-loop sweep"}[mode]
     window = f"{args.requests} requests" if args.requests else f"{args.duration or 5.0:g} s"
     via = ", through shared memory" if args.shared_memory else ""
+    via += ", Open Inference Protocol (ModelInfer)" if args.protocol == "oip" else ""
     say(f"mode: {what}{via}, warm-up {args.warmup:g} s, window {window} per run")
 
     started = time.time()
@@ -315,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             "mode": mode,
             "shared_memory": args.shared_memory,
+            "protocol": args.protocol,
             "warmup_s": args.warmup,
             "duration_s": None if args.requests else (args.duration or 5.0),
             "requests": args.requests,
