@@ -695,3 +695,52 @@ def test_health_probe_reports_the_serving_status():
     finally:
         server.stop(None)
     assert run(probe + ["--timeout", "1"]).returncode == 1, "no server must be unhealthy"
+
+
+KSERVE = ROOT / "deploy" / "kserve" / "inferenceservice.yaml"
+
+
+def test_kserve_inferenceservice_is_a_grpc_custom_predictor():
+    """deploy/kserve: an InferenceService whose custom predictor runs roi-server, gRPC on the
+    container port KServe routes HTTP/2 to (named h2c, the only port), probes on the health
+    service, the GPU image with the settings of the Deployment, and a grace period that covers
+    the drain. No validator for KServe's CRD could be installed (its schema ships with KServe's
+    release manifests, not in a PyPI package), so the structure is checked here field by field
+    against the v1beta1 API."""
+    docs = [d for d in yaml.safe_load_all(KSERVE.read_text()) if d]
+    assert len(docs) == 1
+    isvc = docs[0]
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and isvc["kind"] == "InferenceService"
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", isvc["metadata"]["name"])
+    assert set(isvc["spec"]) == {"predictor"}
+    predictor = isvc["spec"]["predictor"]
+    # A custom predictor: containers, and none of the model-format fields.
+    assert not {"model", "sklearn", "triton", "pytorch", "tensorflow", "onnx"} & set(predictor)
+    # v1beta1 PredictorSpec fields: the pod spec's, and KServe's component extension.
+    allowed = {
+        "containers", "minReplicas", "maxReplicas", "scaleMetric", "scaleTarget", "terminationGracePeriodSeconds",
+        "securityContext", "tolerations", "nodeSelector", "affinity", "serviceAccountName", "containerConcurrency",
+        "timeout", "canaryTrafficPercent", "volumes", "imagePullSecrets",
+    }  # fmt: skip
+    assert set(predictor) <= allowed, set(predictor) - allowed
+    assert predictor["scaleMetric"] in ("cpu", "memory", "concurrency", "rps")
+    assert 1 <= predictor["minReplicas"] <= predictor["maxReplicas"]
+    [container] = predictor["containers"]
+    assert container["name"] == "kserve-container"
+    assert container["image"] == "roi-server:gpu"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["ROI_DEVICE"] == "cuda" and env["ROI_PORT"] == str(GRPC_PORT) and env["ROI_METRICS_PORT"] == str(METRICS_PORT)
+    assert [p["name"] for p in container["ports"]] == ["h2c"]
+    assert container["ports"][0]["containerPort"] == GRPC_PORT
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"] == {"port": GRPC_PORT, "service": HEALTH_SERVICE}, probe
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == container["resources"]["requests"]["nvidia.com/gpu"]
+    assert predictor["terminationGracePeriodSeconds"] > float(env["ROI_GRACE_S"])
+    assert predictor["securityContext"]["runAsNonRoot"] is True
+    # The same image, port and device settings as the Kubernetes Deployment.
+    deployment = yaml.safe_load((ROOT / "deploy" / "k8s" / "gpu" / "deployment.yaml").read_text())
+    [k8s] = deployment["spec"]["template"]["spec"]["containers"]
+    k8s_env = {e["name"]: e.get("value") for e in k8s["env"]}
+    for name in ("ROI_DEVICE", "ROI_PORT", "ROI_METRICS_PORT", "ROI_GRACE_S"):
+        assert env[name] == k8s_env[name], name
+    assert container["image"] == k8s["image"]
