@@ -17,7 +17,9 @@ For each workload, wire dtype and concurrency:
       at a time. (--no-plain leaves it out.)
   (f) the batching server through shared memory (--allow-shared-memory; the client's tensors
       written once into a region, each call's result into one): a client on the same host;
-  (g) with --variant NAME=FLAGS, more roi-servers with other flags, in the same windows.
+  (g) with --variant NAME=FLAGS, more roi-servers with other flags, in the same windows;
+  (h) the batching server through the Open Inference Protocol (KServe v2 / Triton gRPC
+      ModelInfer, roi-loadtest --protocol oip), beside its roi.v1 figures (--no-oip leaves it out).
 Each service figure is the median over --repeat measured windows, the servers taking turns
 window by window so that drifts of a shared machine hit both alike. Prints a Markdown table
 and the ratios; --json writes every figure.
@@ -49,6 +51,7 @@ from wire_floor import WireFloor  # noqa: E402
 import roi_kernels  # noqa: E402
 from roi_client import reuse_freed_memory  # noqa: E402
 from roi_client.loadtest import runner, stats  # noqa: E402
+from roi_client.loadtest.oip_senders import open_oip_senders  # noqa: E402
 from roi_client.loadtest.senders import open_senders  # noqa: E402
 from roi_client.loadtest.workload import Workload  # noqa: E402
 
@@ -148,7 +151,10 @@ async def measure_service(targets: dict[str, tuple[str, bool]], work: Workload, 
     the window's rate: the warm-up's are not recorded)."""
     opened = {}
     for name, (target, shm) in targets.items():
-        opened[name] = await open_senders([target], work, timeout=120.0, shared_memory=shm)
+        if name == "oip":
+            opened[name] = await open_oip_senders([target], work, timeout=120.0)
+        else:
+            opened[name] = await open_senders([target], work, timeout=120.0, shared_memory=shm)
     out: dict[str, list[dict]] = {name: [] for name in targets}
     try:
         for _ in range(repeat):
@@ -195,6 +201,8 @@ def main() -> None:
     p.add_argument("--no-plain", action="store_true", help="leave the plain-server contender out")
     p.add_argument("--no-shared-memory", action="store_true",
                    help="leave out the batching server's client through shared memory")
+    p.add_argument("--no-oip", action="store_true",
+                   help="leave out the batching server driven through the Open Inference Protocol")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
                    help="one more roi-server, with these extra flags, measured in the same windows "
                         "(e.g. 'worker=--inline-max-samples 0'); repeatable")
@@ -233,6 +241,10 @@ def main() -> None:
         # The batching server again, its client sending through shared memory.
         targets["shared memory"] = (targets["batching"][0], True)
         pids["shared memory"] = pids["batching"]
+    if not args.no_oip:
+        # The batching server again, through inference.GRPCInferenceService/ModelInfer.
+        targets["oip"] = (targets["batching"][0], False)
+        pids["oip"] = pids["batching"]
     plan = runner.Plan(warmup_s=args.warmup, duration_s=args.duration)
     rows = []
     try:
@@ -249,7 +261,8 @@ def main() -> None:
                         wire_ms = wire.median_ms(int(sent), int(received), repeat=max(args.repeat, 5))
                         row = {"workload": name, "dtype": dtype, "concurrency": c, "kernel_ms": kernel_ms,
                                "wire_ms": wire_ms, "request_bytes": sent, "response_bytes": received}
-                        for srv, key in (("batching", "b"), ("no batching", "nb"), ("plain", "pl"), ("shared memory", "shm")):
+                        for srv, key in (("batching", "b"), ("no batching", "nb"), ("plain", "pl"), ("shared memory", "shm"),
+                                         ("oip", "oip")):
                             if srv not in runs:
                                 continue
                             r = runs[srv]
@@ -270,6 +283,7 @@ def main() -> None:
                         row["vs_plain"] = row["b_rps"] / row["pl_rps"] if "pl_rps" in row else float("nan")
                         row["shm_vs_in_process"] = row["shm_rps"] * kernel_ms / 1e3 if "shm_rps" in row else float("nan")
                         row["vs_in_process"] = row["b_rps"] * kernel_ms / 1e3
+                        row["oip_vs_roi_v1"] = row["oip_rps"] / row["b_rps"] if "oip_rps" in row else float("nan")
                         # The service's time per request (1 / throughput) over what moving the bytes
                         # and running the kernel cost at the least.
                         row["per_request_ms"] = 1e3 / row["b_rps"]
@@ -296,6 +310,8 @@ def print_row(r: dict) -> None:
           f"{r.get('pl_p50', float('nan')):8.2f}, ours x{r['vs_plain']:.2f} | shared memory "
           f"{r.get('shm_rps', float('nan')):8.1f}/s p50 {r.get('shm_p50', float('nan')):8.2f}, "
           f"{100 * r['shm_vs_in_process']:.0f}% of in-process"
+          + (f" | oip {r['oip_rps']:8.1f}/s p50 {r['oip_p50']:8.2f} (roi.v1 x{1 / r['oip_vs_roi_v1']:.2f})"
+             if "oip_rps" in r else "")
           + "".join(f" | {v} {x['rps']:8.1f}/s p50 {x['p50']:8.2f} (batching x{r['b_rps'] / x['rps']:.2f})"
                     for v, x in r["variants"].items()), flush=True)
 
@@ -326,6 +342,18 @@ def markdown(rows: list[dict], hardware: str, args) -> str:
     for r in rows:
         lines.append(f"| {r['workload']} | {r['dtype']} | {r['concurrency']} | "
                      + " | ".join(f"{r.get(k + '_cpu_ms', float('nan')):.3f}" for _, k in cols) + " |")
+    if any("oip_rps" in r for r in rows):
+        lines += ["", "The batching server by protocol, side by side (roi.v1 Pool and the Open Inference Protocol's "
+                  "ModelInfer, the same workload and server):", "",
+                  "| workload | dtype | conc | roi.v1 req/s | p50 ms | p99 ms | OIP req/s | p50 ms | p99 ms | OIP / roi.v1 "
+                  "| roi.v1 server CPU ms/req | OIP server CPU ms/req |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in rows:
+            if "oip_rps" not in r:
+                continue
+            lines.append(f"| {r['workload']} | {r['dtype']} | {r['concurrency']} | {r['b_rps']:.1f} | {r['b_p50']:.2f} | "
+                         f"{r['b_p99']:.2f} | {r['oip_rps']:.1f} | {r['oip_p50']:.2f} | {r['oip_p99']:.2f} | "
+                         f"{r['oip_vs_roi_v1']:.2f}x | {r['b_cpu_ms']:.3f} | {r['oip_cpu_ms']:.3f} |")
     variants = sorted({v for r in rows for v in r["variants"]})
     if variants:
         lines += ["", "| workload | dtype | conc | batching req/s | p50 ms | variant | req/s | p50 ms | batching / variant |",
