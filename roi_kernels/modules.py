@@ -1,4 +1,9 @@
-"""``nn.Module`` wrappers with torchvision's constructor arguments."""
+"""``nn.Module`` wrappers with torchvision's constructor arguments.
+
+They compile with ``torch.jit.script`` (alone or inside a scripted detector, e.g. as the
+``box_roi_pool`` of torchvision's Faster R-CNN) and export with ``torch.export``; the forward
+annotations are the types scripted callers pass (see :mod:`roi_kernels.ops`).
+"""
 
 from __future__ import annotations
 
@@ -27,9 +32,15 @@ class RoIAlign(nn.Module):
         self.aligned = aligned
         self.pool_mode = pool_mode
 
-    def forward(self, input, rois: ops.BoxesLike) -> Tensor:
+    def forward(self, input: ops.MapsLike, rois: ops.BoxesLike) -> Tensor:
         return ops.roi_align(
-            input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned, self.pool_mode
+            input,
+            rois,
+            self.output_size,
+            self.spatial_scale,
+            self.sampling_ratio,
+            self.aligned,
+            self.pool_mode,
         )
 
     def extra_repr(self) -> str:
@@ -47,7 +58,7 @@ class RoIPool(nn.Module):
         self.output_size = output_size
         self.spatial_scale = spatial_scale
 
-    def forward(self, input: Tensor, rois: ops.BoxesLike) -> Tensor:
+    def forward(self, input: ops.MapsLike, rois: ops.BoxesLike) -> Tensor:
         return ops.roi_pool(input, rois, self.output_size, self.spatial_scale)
 
     def extra_repr(self) -> str:
@@ -63,7 +74,7 @@ class PSRoIAlign(nn.Module):
         self.spatial_scale = spatial_scale
         self.sampling_ratio = sampling_ratio
 
-    def forward(self, input: Tensor, rois: ops.BoxesLike) -> Tensor:
+    def forward(self, input: ops.MapsLike, rois: ops.BoxesLike) -> Tensor:
         return ops.ps_roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio)
 
     def extra_repr(self) -> str:
@@ -81,7 +92,7 @@ class PSRoIPool(nn.Module):
         self.output_size = output_size
         self.spatial_scale = spatial_scale
 
-    def forward(self, input: Tensor, rois: ops.BoxesLike) -> Tensor:
+    def forward(self, input: ops.MapsLike, rois: ops.BoxesLike) -> Tensor:
         return ops.ps_roi_pool(input, rois, self.output_size, self.spatial_scale)
 
     def extra_repr(self) -> str:
@@ -100,7 +111,7 @@ class RoIAlignRotated(nn.Module):
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
 
-    def forward(self, input: Tensor, rois: ops.BoxesLike) -> Tensor:
+    def forward(self, input: ops.MapsLike, rois: ops.BoxesLike) -> Tensor:
         return ops.roi_align_rotated(
             input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned
         )
@@ -138,11 +149,12 @@ class MultiScaleRoIAlign(nn.Module):
         self.canonical_level = canonical_level
         self.aligned = aligned
 
-    def forward(
-        self, x: dict[str, Tensor], boxes: ops.BoxesLike, image_shapes: Sequence[Sequence[int]]
-    ) -> Tensor:
-        missing = [k for k in self.featmap_names if k not in x]
-        if missing:
+    def forward(self, x: ops.FeatureDict, boxes: ops.BoxesLike, image_shapes: ops.ImageSizes) -> Tensor:
+        missing: list[str] = []
+        for k in self.featmap_names:
+            if k not in x:
+                missing.append(k)
+        if len(missing) > 0:
             raise KeyError(f"x has no feature map named {missing}")
         return ops.multiscale_roi_align(
             [x[k] for k in self.featmap_names],

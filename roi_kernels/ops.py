@@ -7,13 +7,16 @@ feature map: for a stride-16 backbone map, ``spatial_scale=1/16`` sends the imag
 ``boxes`` is either ``Tensor[K, 5]`` whose first column is the image index, or a list of
 ``Tensor[L_i, 4]``, one per image (the torchvision convention). Results are contiguous
 ``Tensor[K, C, PH, PW]`` in the input's dtype (float16 and bfloat16 accumulate in float32).
+
+Every op and module compiles with ``torch.jit.script`` and exports with ``torch.export``. In
+eager mode the arguments may be any sequence (tuples, lists, 1-D tensors for sizes); scripted
+code passes them as the annotations say: lists of tensors, ``int`` or ``(int, int)`` sizes,
+``list[tuple[int, int]]`` image sizes (what torchvision's detectors pass).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Union
 
 import torch
 from torch import Tensor
@@ -22,8 +25,12 @@ from . import _build
 
 _build.load()
 
-BoxesLike = Union[Tensor, Sequence[Tensor]]
-SizeLike = Union[int, Sequence[int]]
+# The annotations are the TorchScript types of the arguments; eager calls take any sequence.
+MapsLike = Tensor | list[Tensor]
+BoxesLike = Tensor | list[Tensor]
+SizeLike = int | list[int] | tuple[int, int]
+ImageSizes = list[tuple[int, int]]
+FeatureDict = dict[str, Tensor]
 
 __all__ = [
     "roi_align",
@@ -85,6 +92,8 @@ def convert_boxes_to_rois(boxes: BoxesLike, name: str = "boxes", cols: int = 4) 
 
     A tensor is returned unchanged (the op checks its shape).
     """
+    if torch.jit.is_scripting():
+        return _rois_script(boxes, name, cols)
     if isinstance(boxes, Tensor):
         return boxes
     if not isinstance(boxes, (list, tuple)):
@@ -123,8 +132,56 @@ def _check_pool_mode(pool_mode: str) -> None:
         raise ValueError(f'pool_mode must be "avg" or "max", got {pool_mode!r}')
 
 
+# ---------------------------------------------------------------------------------------------
+# The same checks in TorchScript: the eager helpers above take any Python object (a tuple, a
+# 0-d tensor, a numpy array), which TorchScript cannot express; inside ``torch.jit.script`` the
+# arguments are typed, so these only check values. The public functions pick one set or the
+# other with ``torch.jit.is_scripting()``, which TorchScript evaluates while compiling (the
+# eager branch is never compiled).
+# ---------------------------------------------------------------------------------------------
+
+
+def _pair_script(output_size: SizeLike) -> tuple[int, int]:
+    if isinstance(output_size, int):
+        size = [output_size, output_size]
+    elif isinstance(output_size, list):
+        size = output_size
+    else:
+        size = [output_size[0], output_size[1]]
+    if len(size) == 1:
+        size = [size[0], size[0]]
+    if len(size) != 2:
+        raise ValueError(f"output_size must be an int or (height, width), got {output_size}")
+    if size[0] <= 0 or size[1] <= 0:
+        raise ValueError(f"output_size must be positive, got {size}")
+    return size[0], size[1]
+
+
+def _check_pool_mode_script(pool_mode: str) -> None:
+    if pool_mode != "avg" and pool_mode != "max":
+        raise ValueError(f'pool_mode must be "avg" or "max", got "{pool_mode}"')
+
+
+def _rois_script(boxes: BoxesLike, name: str, cols: int) -> Tensor:
+    """:func:`convert_boxes_to_rois` for typed boxes."""
+    if isinstance(boxes, Tensor):
+        return boxes
+    if len(boxes) == 0:
+        raise ValueError(f"{name} is an empty list: give one Tensor[L, {cols}] per image")
+    for i, b in enumerate(boxes):
+        if b.dim() != 2 or b.size(1) != cols:
+            raise ValueError(f"{name}[{i}] must be Tensor[L, {cols}], got {b.shape}")
+        if b.dtype != boxes[0].dtype or b.device != boxes[0].device:
+            raise ValueError(f"{name}[{i}] must have the dtype and device of {name}[0]")
+    concat = torch.cat(boxes, dim=0)
+    ids: list[Tensor] = []
+    for i, b in enumerate(boxes):
+        ids.append(torch.full((b.size(0), 1), i, dtype=concat.dtype, device=concat.device))
+    return torch.cat([torch.cat(ids), concat], dim=1)
+
+
 def roi_align(
-    input: Union[Tensor, Sequence[Tensor]],
+    input: MapsLike,
     boxes: BoxesLike,
     output_size: SizeLike,
     spatial_scale: float = 1.0,
@@ -149,18 +206,23 @@ def roi_align(
     Returns:
         ``Tensor[K, C, PH, PW]``.
     """
-    _check_pool_mode(pool_mode)
-    ph, pw = _pair(output_size)
-    scale, ratio = _float("spatial_scale", spatial_scale), _int("sampling_ratio", sampling_ratio)
-    rois = convert_boxes_to_rois(boxes)
-    if _is_ragged(input):
-        return _ops.roi_align_ragged(list(input), rois, scale, ph, pw, ratio, bool(aligned), pool_mode)
-    return _ops.roi_align(input, rois, scale, ph, pw, ratio, bool(aligned), pool_mode)
+    if torch.jit.is_scripting():
+        _check_pool_mode_script(pool_mode)
+        ph, pw = _pair_script(output_size)
+        scale, ratio = spatial_scale, sampling_ratio
+        rois = _rois_script(boxes, "boxes", 4)
+    else:
+        _check_pool_mode(pool_mode)
+        ph, pw = _pair(output_size)
+        scale, ratio = _float("spatial_scale", spatial_scale), _int("sampling_ratio", sampling_ratio)
+        rois = convert_boxes_to_rois(boxes)
+        _is_ragged(input)
+    if isinstance(input, Tensor):
+        return _ops.roi_align(input, rois, scale, ph, pw, ratio, bool(aligned), pool_mode)
+    return _ops.roi_align_ragged(list(input), rois, scale, ph, pw, ratio, bool(aligned), pool_mode)
 
 
-def roi_pool(
-    input: Union[Tensor, Sequence[Tensor]], boxes: BoxesLike, output_size: SizeLike, spatial_scale: float = 1.0
-) -> Tensor:
+def roi_pool(input: MapsLike, boxes: BoxesLike, output_size: SizeLike, spatial_scale: float = 1.0) -> Tensor:
     """RoIPool (Fast R-CNN): the box and its bins snapped to the grid, max over each bin.
 
     Args:
@@ -172,15 +234,20 @@ def roi_pool(
     Returns:
         ``Tensor[K, C, PH, PW]``; an empty bin gives 0.
     """
-    ph, pw = _pair(output_size)
-    rois, scale = convert_boxes_to_rois(boxes), _float("spatial_scale", spatial_scale)
-    if _is_ragged(input):
-        return _ops.roi_pool_ragged(list(input), rois, scale, ph, pw)
-    return _ops.roi_pool(input, rois, scale, ph, pw)
+    if torch.jit.is_scripting():
+        ph, pw = _pair_script(output_size)
+        rois, scale = _rois_script(boxes, "boxes", 4), spatial_scale
+    else:
+        ph, pw = _pair(output_size)
+        rois, scale = convert_boxes_to_rois(boxes), _float("spatial_scale", spatial_scale)
+        _is_ragged(input)
+    if isinstance(input, Tensor):
+        return _ops.roi_pool(input, rois, scale, ph, pw)
+    return _ops.roi_pool_ragged(list(input), rois, scale, ph, pw)
 
 
 def ps_roi_align(
-    input: Union[Tensor, Sequence[Tensor]],
+    input: MapsLike,
     boxes: BoxesLike,
     output_size: SizeLike,
     spatial_scale: float = 1.0,
@@ -197,16 +264,21 @@ def ps_roi_align(
         ``Tensor[K, C_out, PH, PW]``: channel ``c`` of bin ``(ph, pw)`` reads input channel
         ``(c * PH + ph) * PW + pw``.
     """
-    ph, pw = _pair(output_size)
-    rois, scale = convert_boxes_to_rois(boxes), _float("spatial_scale", spatial_scale)
-    ratio = _int("sampling_ratio", sampling_ratio)
-    if _is_ragged(input):
-        return _ops.ps_roi_align_ragged(list(input), rois, scale, ph, pw, ratio)
-    return _ops.ps_roi_align(input, rois, scale, ph, pw, ratio)
+    if torch.jit.is_scripting():
+        ph, pw = _pair_script(output_size)
+        rois, scale, ratio = _rois_script(boxes, "boxes", 4), spatial_scale, sampling_ratio
+    else:
+        ph, pw = _pair(output_size)
+        rois, scale = convert_boxes_to_rois(boxes), _float("spatial_scale", spatial_scale)
+        ratio = _int("sampling_ratio", sampling_ratio)
+        _is_ragged(input)
+    if isinstance(input, Tensor):
+        return _ops.ps_roi_align(input, rois, scale, ph, pw, ratio)
+    return _ops.ps_roi_align_ragged(list(input), rois, scale, ph, pw, ratio)
 
 
 def ps_roi_pool(
-    input: Union[Tensor, Sequence[Tensor]], boxes: BoxesLike, output_size: SizeLike, spatial_scale: float = 1.0
+    input: MapsLike, boxes: BoxesLike, output_size: SizeLike, spatial_scale: float = 1.0
 ) -> Tensor:
     """Position-sensitive RoIPool (R-FCN): the average of each bin's cells.
 
@@ -218,15 +290,20 @@ def ps_roi_pool(
     Returns:
         ``Tensor[K, C_out, PH, PW]``.
     """
-    ph, pw = _pair(output_size)
-    rois, scale = convert_boxes_to_rois(boxes), _float("spatial_scale", spatial_scale)
-    if _is_ragged(input):
-        return _ops.ps_roi_pool_ragged(list(input), rois, scale, ph, pw)
-    return _ops.ps_roi_pool(input, rois, scale, ph, pw)
+    if torch.jit.is_scripting():
+        ph, pw = _pair_script(output_size)
+        rois, scale = _rois_script(boxes, "boxes", 4), spatial_scale
+    else:
+        ph, pw = _pair(output_size)
+        rois, scale = convert_boxes_to_rois(boxes), _float("spatial_scale", spatial_scale)
+        _is_ragged(input)
+    if isinstance(input, Tensor):
+        return _ops.ps_roi_pool(input, rois, scale, ph, pw)
+    return _ops.ps_roi_pool_ragged(list(input), rois, scale, ph, pw)
 
 
 def roi_align_rotated(
-    input: Union[Tensor, Sequence[Tensor]],
+    input: MapsLike,
     rois: BoxesLike,
     output_size: SizeLike,
     spatial_scale: float = 1.0,
@@ -245,17 +322,25 @@ def roi_align_rotated(
     Returns:
         ``Tensor[K, C, PH, PW]``.
     """
-    ph, pw = _pair(output_size)
-    r = convert_boxes_to_rois(rois, name="rois", cols=5)
-    scale, ratio = _float("spatial_scale", spatial_scale), _int("sampling_ratio", sampling_ratio)
-    if _is_ragged(input):
-        return _ops.roi_align_rotated_ragged(list(input), r, scale, ph, pw, ratio, bool(aligned))
-    return _ops.roi_align_rotated(input, r, scale, ph, pw, ratio, bool(aligned))
+    if torch.jit.is_scripting():
+        ph, pw = _pair_script(output_size)
+        r = _rois_script(rois, "rois", 5)
+        scale, ratio = spatial_scale, sampling_ratio
+    else:
+        ph, pw = _pair(output_size)
+        r = convert_boxes_to_rois(rois, name="rois", cols=5)
+        scale, ratio = _float("spatial_scale", spatial_scale), _int("sampling_ratio", sampling_ratio)
+        _is_ragged(input)
+    if isinstance(input, Tensor):
+        return _ops.roi_align_rotated(input, r, scale, ph, pw, ratio, bool(aligned))
+    return _ops.roi_align_rotated_ragged(list(input), r, scale, ph, pw, ratio, bool(aligned))
 
 
-def infer_scales(features: Sequence[Tensor], image_sizes: Sequence[Sequence[int]]) -> list[float]:
+def infer_scales(features: list[Tensor], image_sizes: ImageSizes) -> list[float]:
     """Each level's ``spatial_scale`` as torchvision infers it: the power of two closest to
     ``map height / largest image height``."""
+    if torch.jit.is_scripting():
+        return _infer_scales_script(features, image_sizes)
     if not image_sizes:
         raise ValueError("image_sizes must list each image's (height, width)")
     max_h = max(int(s[0]) for s in image_sizes)
@@ -272,10 +357,44 @@ def infer_scales(features: Sequence[Tensor], image_sizes: Sequence[Sequence[int]
     return scales
 
 
+def _infer_scales_script(features: list[Tensor], image_sizes: ImageSizes) -> list[float]:
+    if len(image_sizes) == 0:
+        raise ValueError("image_sizes must list each image's (height, width)")
+    max_h = image_sizes[0][0]
+    for s in image_sizes:
+        max_h = max(max_h, s[0])
+    if max_h <= 0:
+        raise ValueError("image_sizes must be positive")
+    scales: list[float] = []
+    for i, f in enumerate(features):
+        if f.dim() != 4:
+            raise ValueError(f"features[{i}] must be Tensor[N, C, H, W]")
+        approx = float(f.shape[-2]) / float(max_h)
+        if approx <= 0:
+            raise ValueError(f"features[{i}] has an empty spatial size {f.shape[-2:]}")
+        scales.append(2.0 ** float(torch.tensor(approx).log2().round()))
+    return scales
+
+
+def _check_levels(scales: list[float]) -> None:
+    """The levels' scales are consecutive powers of 1/2, finest first (as the kernel assumes)."""
+    levels: list[int] = []
+    for s in scales:
+        if torch.jit.is_scripting():  # no math.log2 in TorchScript; exact for powers of 2
+            levels.append(-int(torch.tensor(s, dtype=torch.float64).log2().round().item()))
+        else:
+            levels.append(-round(math.log2(s)))
+    if levels != list(range(levels[0], levels[0] + len(levels))):
+        raise ValueError(
+            "features must be FPN levels whose scales are consecutive powers of 1/2, finest first: "
+            f"their heights over the largest of image_sizes give scales {scales}"
+        )
+
+
 def multiscale_roi_align(
-    features: Sequence[Tensor],
+    features: list[Tensor],
     boxes: BoxesLike,
-    image_sizes: Sequence[Sequence[int]],
+    image_sizes: ImageSizes,
     output_size: SizeLike,
     sampling_ratio: int = -1,
     aligned: bool = False,
@@ -297,29 +416,28 @@ def multiscale_roi_align(
     Returns:
         ``Tensor[K, C, PH, PW]`` in the order of the boxes.
     """
-    _check_pool_mode(pool_mode)
-    ph, pw = _pair(output_size)
-    features = list(features)
-    if not features:
-        raise ValueError("features must hold at least one map")
-    scales = infer_scales(features, image_sizes)
-    levels = [-round(math.log2(s)) for s in scales]
-    if levels != list(range(levels[0], levels[0] + len(levels))):
-        raise ValueError(
-            "features must be FPN levels whose scales are consecutive powers of 1/2, finest first: "
-            f"their heights over the largest of image_sizes give scales {scales}"
-        )
+    if torch.jit.is_scripting():
+        _check_pool_mode_script(pool_mode)
+        ph, pw = _pair_script(output_size)
+        if len(features) == 0:
+            raise ValueError("features must hold at least one map")
+        scales = _infer_scales_script(features, image_sizes)
+        _check_levels(scales)
+        rois = _rois_script(boxes, "boxes", 4)
+        ratio, canonical = sampling_ratio, (canonical_scale, canonical_level)
+    else:
+        _check_pool_mode(pool_mode)
+        ph, pw = _pair(output_size)
+        features = list(features)
+        if not features:
+            raise ValueError("features must hold at least one map")
+        scales = infer_scales(features, image_sizes)
+        _check_levels(scales)
+        rois = convert_boxes_to_rois(boxes)
+        ratio = _int("sampling_ratio", sampling_ratio)
+        canonical = (_int("canonical_scale", canonical_scale), _int("canonical_level", canonical_level))
     return _ops.multiscale_roi_align(
-        features,
-        convert_boxes_to_rois(boxes),
-        scales,
-        ph,
-        pw,
-        _int("sampling_ratio", sampling_ratio),
-        bool(aligned),
-        pool_mode,
-        _int("canonical_scale", canonical_scale),
-        _int("canonical_level", canonical_level),
+        features, rois, scales, ph, pw, ratio, bool(aligned), pool_mode, canonical[0], canonical[1]
     )
 
 
