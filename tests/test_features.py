@@ -23,6 +23,8 @@ from roi_client import AsyncRoIClient, EncodedRequest, FeatureHandleGone, RoICli
 from roi_client._proto.roi.v1 import roi_pb2
 from roi_client.channel import call_metadata
 from roi_client.features import RELEASE, UPLOAD
+from roi_server.server import BackgroundServer
+from roi_server.settings import Settings, load_settings
 from test_service_support import (
     assert_bitwise_equal,
     in_process_server,
@@ -30,6 +32,7 @@ from test_service_support import (
     rotated_rois,
     sample,
     scrape,
+    server_settings,
 )
 
 import roi_kernels
@@ -538,3 +541,192 @@ def test_a_flood_of_concurrent_and_broken_uploads_keeps_the_store_within_its_bud
             assert_bitwise_equal(client.roi_align(x, boxes, 3, 0.25, 2), want)
             with client.features(x) as fm:
                 assert_bitwise_equal(fm.roi_align(boxes, 3, 0.25, 2), want)
+
+
+def _upload_raw(client: RoIClient, messages: list[roi_pb2.UploadFeaturesRequest]) -> RoIError | None:
+    call = client._channel.stream_unary(UPLOAD)
+    try:
+        call(iter([m.SerializeToString() for m in messages]), timeout=10)
+    except grpc.RpcError as exc:
+        return RoIError.from_rpc_error(exc)
+    return None
+
+
+def _t(shape, dtype=roi_pb2.DTYPE_FLOAT32) -> roi_pb2.Tensor:
+    size = {roi_pb2.DTYPE_FLOAT32: 4, roi_pb2.DTYPE_FLOAT16: 2, roi_pb2.DTYPE_FLOAT64: 8}[dtype]
+    n = int(np.prod(shape))
+    data = np.random.default_rng(n).standard_normal(n).astype(codec.WIRE_DTYPES[dtype]).tobytes()
+    assert len(data) == n * size
+    return roi_pb2.Tensor(dtype=dtype, shape=list(shape), data=data)
+
+
+def _level(shape, scale=None, dtype=roi_pb2.DTYPE_FLOAT32) -> roi_pb2.FeatureLevel:
+    lv = roi_pb2.FeatureLevel(map=_t(shape, dtype))
+    if scale is not None:
+        lv.spatial_scale = scale
+    return lv
+
+
+U = roi_pb2.UploadFeaturesRequest
+BAD_UPLOADS = {
+    "rank": ([U(input=_t((2, 3, 4)))], "input.shape", "[N, C, H, W]"),
+    "short data": (
+        [U(input=roi_pb2.Tensor(dtype=1, shape=[1, 2, 3, 4], data=bytes(8)))],
+        "input.data",
+        "96 bytes",
+    ),
+    "unknown dtype": (
+        [U(input=roi_pb2.Tensor(dtype=9, shape=[1, 1, 1, 1], data=bytes(4)))],
+        "input.dtype",
+        "unknown",
+    ),
+    "zero size": ([U(input=roi_pb2.Tensor(dtype=1, shape=[1, 0, 3, 3]))], "input.shape", "positive"),
+    "no features": ([U(ttl_seconds=5)], "features", "message 0"),
+    "negative ttl": ([U(input=_t((1, 2, 3, 3)), ttl_seconds=-1)], "ttl_seconds", ">= 0"),
+    "kinds mixed": (
+        [U(input=_t((1, 2, 3, 3))), U(ragged=roi_pb2.RaggedMaps(maps=[_t((2, 3, 3))]))],
+        "ragged",
+        "message 1",
+    ),
+    "channels across messages": (
+        [U(input=_t((1, 2, 3, 3))), U(input=_t((1, 3, 3, 3)))],
+        "input.shape",
+        "2 channels",
+    ),
+    "dtype across messages": (
+        [U(input=_t((1, 2, 3, 3))), U(input=_t((1, 2, 3, 3), roi_pb2.DTYPE_FLOAT16))],
+        "input.dtype",
+        "float32, got float16",
+    ),
+    "map size across messages": (
+        [U(input=_t((1, 2, 3, 3))), U(input=_t((1, 2, 4, 3)))],
+        "input.shape",
+        "(H, W)",
+    ),
+    "ragged channels": (
+        [U(ragged=roi_pb2.RaggedMaps(maps=[_t((2, 3, 3)), _t((4, 3, 3))]))],
+        "ragged.maps[1].shape",
+        "2 channels",
+    ),
+    "level N": (
+        [U(pyramid=roi_pb2.FeaturePyramid(levels=[_level((2, 2, 8, 8), 0.25), _level((1, 2, 4, 4), 0.125)]))],
+        "pyramid.levels[1].map.shape",
+        "N of levels[0]",
+    ),
+    "scales not halving": (
+        [U(pyramid=roi_pb2.FeaturePyramid(levels=[_level((1, 2, 8, 8), 0.25), _level((1, 2, 4, 4), 0.25)]))],
+        "pyramid.levels[1].spatial_scale",
+        "powers of 1/2",
+    ),
+    "scales on some levels": (
+        [U(pyramid=roi_pb2.FeaturePyramid(levels=[_level((1, 2, 8, 8), 0.25), _level((1, 2, 4, 4))]))],
+        "pyramid.levels.spatial_scale",
+        "every level",
+    ),
+    "image sizes missing": (
+        [
+            U(
+                pyramid=roi_pb2.FeaturePyramid(
+                    levels=[_level((2, 2, 8, 8))], image_sizes=[roi_pb2.ImageSize(height=32, width=32)]
+                )
+            )
+        ],
+        "pyramid.image_sizes",
+        "one per image",
+    ),
+    "levels across messages": (
+        [
+            U(
+                pyramid=roi_pb2.FeaturePyramid(
+                    levels=[_level((1, 2, 8, 8), 0.25), _level((1, 2, 4, 4), 0.125)]
+                )
+            ),
+            U(pyramid=roi_pb2.FeaturePyramid(levels=[_level((1, 2, 8, 8), 0.25)])),
+        ],
+        "pyramid.levels",
+        "2 levels",
+    ),
+    "shared memory off": (
+        [
+            U(
+                input=roi_pb2.Tensor(
+                    dtype=1,
+                    shape=[1, 1, 1, 1],
+                    shared_memory=roi_pb2.SharedMemoryRef(region="r", byte_size=4),
+                )
+            )
+        ],
+        "input.shared_memory",
+        "shared memory is off",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_UPLOADS))
+def test_a_bad_upload_is_refused_naming_the_field_and_stores_nothing(server, client, case):
+    messages, field, words = BAD_UPLOADS[case]
+    before = registry_value(server, "roi_feature_store_bytes")
+    err = _upload_raw(client, messages)
+    assert err is not None, case
+    expected = (
+        grpc.StatusCode.FAILED_PRECONDITION
+        if case == "shared memory off"
+        else grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert err.code == expected, err
+    assert err.details.startswith(field) and words in err.details, err.details
+    assert registry_value(server, "roi_feature_store_bytes") == before
+    assert _upload_raw(client, []).code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_settings_come_from_flags_and_variables():
+    s = load_settings(
+        ["--feature-store-bytes", "2_000_000", "--feature-ttl", "1.5"],
+        {"ROI_FEATURE_STORE_CALLER_BYTES": "500000"},
+    )
+    assert (s.feature_store_bytes, s.feature_ttl, s.feature_store_caller_bytes) == (2_000_000, 1.5, 500_000)
+    d = Settings()
+    assert (d.feature_store_bytes, d.feature_ttl, d.feature_store_caller_bytes) == (1 << 30, 300.0, 0)
+    for bad, words in (
+        ({"feature_ttl": 0.0}, "feature_ttl"),
+        ({"feature_store_bytes": -1}, "feature_store_bytes"),
+        ({"feature_store_bytes": 10, "feature_store_caller_bytes": 11}, "feature_store_caller_bytes"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            Settings(**bad)
+
+
+def test_stopping_the_server_answers_every_queued_request_on_a_handle(seed):
+    gen = torch.Generator().manual_seed(seed)
+    server = BackgroundServer(server_settings(max_wait_ms=500, inline_max_samples=0)).start()
+    stopped = False
+    try:
+        with RoIClient(server.address, timeout=60) as client:
+            x = _maps(gen, (2, 8, 16, 16), torch.float32)
+            fm = client.features(x, keep=False)
+            boxes = [random_boxes(gen, 4, 64, 64, num_images=2) for _ in range(6)]
+            with ThreadPoolExecutor(len(boxes)) as pool:
+                futures = [pool.submit(fm.roi_align, b, 2, 0.25) for b in boxes]
+                time.sleep(0.2)  # queued, waiting for company
+                server.stop(grace=10)
+                stopped = True
+                for f, b in zip(futures, boxes):
+                    assert_bitwise_equal(f.result(), roi_kernels.roi_align(x, b, 2, 0.25))
+        assert server.server.features.held_bytes == 0 and len(server.server.features) == 0
+    finally:
+        if not stopped:
+            server.stop()
+
+
+def test_threads_that_find_the_handle_gone_together_upload_it_once(client, server, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = _maps(gen, (2, 8, 16, 16), torch.float32)
+    boxes = [random_boxes(gen, 5, 64, 64, num_images=2) for _ in range(6)]
+    with client.features(x) as fm:
+        assert release_rpc(client, fm.handle)  # gone on the server, unknown to the client
+        uploads = registry_value(server, "roi_feature_uploads_total", code="OK")
+        with ThreadPoolExecutor(len(boxes)) as pool:
+            outs = list(pool.map(lambda b: fm.roi_align(b, 2, 0.25, 2), boxes))
+        for got, b in zip(outs, boxes):
+            assert_bitwise_equal(got, roi_kernels.roi_align(x, b, 2, 0.25, 2))
+        assert registry_value(server, "roi_feature_uploads_total", code="OK") - uploads == 1

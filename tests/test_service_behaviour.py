@@ -636,6 +636,7 @@ def test_health_and_reflection(server):
         assert {m.name for m in svc.methods} == {
             "Pool", "PoolStream", "Describe",
             "RegisterSharedMemory", "SharedMemoryStatus", "UnregisterSharedMemory", "HoldSharedMemory",
+            "UploadFeatures", "ReleaseFeatures",
         }  # fmt: skip
         method = svc.FindMethodByName("PoolStream")
         assert method.client_streaming and method.server_streaming

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
@@ -328,7 +329,12 @@ class _HandleOps:
         out_dtype: Any = None,
         timeout: float | None = UNSET,
     ) -> Any:
-        options = {"boxes": boxes, "output_size": output_size, "spatial_scale": spatial_scale, "out_dtype": out_dtype}
+        options = {
+            "boxes": boxes,
+            "output_size": output_size,
+            "spatial_scale": spatial_scale,
+            "out_dtype": out_dtype,
+        }
         return self._call("roi_pool", options, timeout)
 
     def ps_roi_align(
@@ -359,7 +365,12 @@ class _HandleOps:
         out_dtype: Any = None,
         timeout: float | None = UNSET,
     ) -> Any:
-        options = {"boxes": boxes, "output_size": output_size, "spatial_scale": spatial_scale, "out_dtype": out_dtype}
+        options = {
+            "boxes": boxes,
+            "output_size": output_size,
+            "spatial_scale": spatial_scale,
+            "out_dtype": out_dtype,
+        }
         return self._call("ps_roi_pool", options, timeout)
 
     def roi_align_rotated(
@@ -475,6 +486,7 @@ class FeatureMaps(_HandleOps):
         self.kind = source.kind
         self._source_info = (source.channels, source.as_torch, source.wire_name)
         self.closed = False
+        self._lock = threading.Lock()
 
     @property
     def handle(self) -> str:
@@ -497,23 +509,29 @@ class FeatureMaps(_HandleOps):
             raise ValueError(
                 f"feature handle {self.handle!r} was released; upload the maps again with client.features()"
             )
-        draft = self._draft(self.handle, op, dict(options))
+        used = self.handle
+        draft = self._draft(used, op, dict(options))
         try:
             return self._client._run(draft, timeout)
         except RoIError as err:
             if not handle_gone(err):
                 raise
-            self._reupload(err, timeout)
+            self._reupload(err, used, timeout)
         return self._client._run(self._draft(self.handle, op, dict(options)), timeout)
 
-    def _reupload(self, err: RoIError, timeout: Any) -> None:
-        source = self._state.source
-        if source is None:
-            raise FeatureHandleGone(
-                err.code, f"{err.details} (made with keep=False: the client kept no copy)"
-            ) from None
-        log.info("feature handle gone on the server (%s); uploading the maps again", err.details)
-        self._state.update(self._client._upload_features(source, self._state.ttl, timeout))
+    def _reupload(self, err: RoIError, used: str, timeout: Any) -> None:
+        # One upload for the threads that found the handle gone together; the others then
+        # use its handle.
+        with self._lock:
+            if self._state.handle != used:
+                return
+            source = self._state.source
+            if source is None:
+                raise FeatureHandleGone(
+                    err.code, f"{err.details} (made with keep=False: the client kept no copy)"
+                ) from None
+            log.info("feature handle gone on the server (%s); uploading the maps again", err.details)
+            self._state.update(self._client._upload_features(source, self._state.ttl, timeout))
 
     def release(self, *, timeout: float | None = UNSET) -> None:
         """Drops the handle on the server and this object's references to the maps. A server
@@ -551,6 +569,7 @@ class AsyncFeatureMaps(_HandleOps):
         self.kind = source.kind
         self._source_info = (source.channels, source.as_torch, source.wire_name)
         self.closed = False
+        self._lock: Any = None  # an asyncio.Lock, made in the client's event loop
 
     def _call(self, op: str, options: dict[str, Any], timeout: Any) -> Any:
         if self.closed:
@@ -563,11 +582,24 @@ class AsyncFeatureMaps(_HandleOps):
         return self._run(draft, op, options, timeout)
 
     async def _run(self, draft: RequestDraft, op: str, options: dict[str, Any], timeout: Any) -> Any:
+        used = draft.message.handle
         try:
             return await self._client._run(draft, timeout)
         except RoIError as err:
             if not handle_gone(err):
                 raise
+            await self._reupload(err, used, timeout)
+        return await self._client._run(self._draft(self.handle, op, dict(options)), timeout)
+
+    async def _reupload(self, err: RoIError, used: str, timeout: Any) -> None:
+        # One upload for the calls that found the handle gone together (as FeatureMaps').
+        import asyncio
+
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._state.handle != used:
+                return
             source = self._state.source
             if source is None:
                 raise FeatureHandleGone(
@@ -575,7 +607,6 @@ class AsyncFeatureMaps(_HandleOps):
                 ) from None
             log.info("feature handle gone on the server (%s); uploading the maps again", err.details)
             self._state.update(await self._client._upload_features(source, self._state.ttl, timeout))
-        return await self._client._run(self._draft(self.handle, op, dict(options)), timeout)
 
     async def release(self, *, timeout: float | None = UNSET) -> None:
         if self.closed:

@@ -467,6 +467,7 @@ def decode_request(
     if out_dtype_wire != roi_pb2.DTYPE_UNSPECIFIED and out_dtype_wire not in TORCH_DTYPES:
         raise InvalidArgument("out_dtype", f"unknown dtype {out_dtype_wire}")
 
+    layout_kind = req.WhichOneof("features")
     layout, maps, scales = _features(req, contents, op, features)
     dtype = maps[0].dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -483,7 +484,7 @@ def decode_request(
         bins = ph * pw
         if channels % bins != 0:
             raise InvalidArgument(
-                "input.shape",
+                "handle" if layout_kind == "handle" else "input.shape",
                 f"{op} needs channels divisible by output_size[0] * output_size[1] = {bins}, got C = {channels}",
             )
         out_channels = channels // bins
