@@ -26,6 +26,7 @@ import pytest
 import torch
 from conftest import random_boxes
 from roi_client import RoIClient
+from roi_client import oip as wire_oip
 from roi_client._proto.inference import grpc_service_pb2 as pb
 from roi_client._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from roi_client.request import EncodedRequest
@@ -541,20 +542,51 @@ def test_large_request_is_parsed_without_copies(seed):
         oip.parse_infer_request(raw[:-7])
 
 
-def test_response_serialisation_matches_protobuf(seed):
+def test_serialisation_matches_protobuf_and_aligns_payloads(seed):
+    """The join writes what protobuf writes (a padding field aside, which protobuf skips as
+    unknown), with each payload on a 64-byte offset of the message, unwrapped or inside a
+    ModelStreamInferResponse; and the split of such a message finds the payloads there."""
     gen = torch.Generator().manual_seed(seed)
-    payload = torch.randn(3, 4, 5, 6, generator=gen).numpy()
-    resp = pb.ModelInferResponse(model_name="roi_align", id="x")
-    resp.outputs.add(name="output", datatype="FP32", shape=list(payload.shape))
-    ours = oip.serialize_infer_response(resp, payload)
-    theirs = pb.ModelInferResponse()
-    theirs.CopyFrom(resp)
-    theirs.raw_output_contents.append(payload.tobytes())
-    assert pb.ModelInferResponse.FromString(ours) == theirs
-    wrapped = pb.ModelStreamInferResponse.FromString(
-        oip.serialize_infer_response(resp, payload, wrap_key=b"\x12")
+    for shape in [(3, 4, 5, 6), (1, 1, 1, 1), (0, 2, 7, 7), (2, 256, 7, 7)]:
+        payload = torch.randn(*shape, generator=gen).numpy()
+        resp = pb.ModelInferResponse(
+            model_name="roi_align", id="x" * int(torch.randint(0, 300, (1,), generator=gen))
+        )
+        resp.outputs.add(name="output", datatype="FP32", shape=list(payload.shape))
+        theirs = pb.ModelInferResponse()
+        theirs.CopyFrom(resp)
+        theirs.raw_output_contents.append(payload.tobytes())
+        ours = oip.serialize_infer_response(resp, payload)
+        parsed = pb.ModelInferResponse.FromString(ours)
+        parsed.DiscardUnknownFields()
+        assert parsed == theirs
+        _, views = wire_oip.parse_infer_response(ours, min_bytes=0)
+        assert [bytes(v) for v in views] == [payload.tobytes()]
+        start = np.frombuffer(ours, np.uint8).ctypes.data
+        if payload.nbytes:
+            assert (np.frombuffer(views[0], np.uint8).ctypes.data - start) % wire_oip.ALIGNMENT == 0
+        wrapped_bytes = oip.serialize_infer_response(resp, payload, wrap_key=b"\x12")
+        wrapped = pb.ModelStreamInferResponse.FromString(wrapped_bytes)
+        wrapped.DiscardUnknownFields()
+        assert wrapped.infer_response == theirs and not wrapped.error_message
+        if payload.nbytes:
+            at = wrapped_bytes.find(payload.tobytes())
+            assert at % wire_oip.ALIGNMENT == 0
+    # A request with several inputs: each payload aligned, the parse protobuf's.
+    arrays = [
+        torch.randn(2, 32, 40, 50, generator=gen).numpy(),
+        torch.rand(9, 5, generator=gen).numpy().astype(np.float64),
+    ]
+    req, payloads = wire_oip.infer_request(
+        "roi_align", [("input", arrays[0], None), ("rois", arrays[1], None)], {"pooled_height": 7}
     )
-    assert wrapped.infer_response == theirs and not wrapped.error_message
+    raw = wire_oip.serialize_infer_request(req, payloads)
+    parsed, views = oip.parse_infer_request(raw)
+    start = np.frombuffer(raw, np.uint8).ctypes.data
+    assert all((np.frombuffer(v, np.uint8).ctypes.data - start) % 64 == 0 for v in views)
+    assert [bytes(v) for v in views] == [a.tobytes() for a in arrays]
+    parsed.DiscardUnknownFields()
+    assert parsed == req
 
 
 def test_oip_and_roi_v1_requests_share_a_launch(seed):

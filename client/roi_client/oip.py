@@ -31,6 +31,12 @@ RAW_INPUT_FIELD = 7  # ModelInferRequest.raw_input_contents
 RAW_OUTPUT_FIELD = 6  # ModelInferResponse.raw_output_contents
 # Below this size protobuf's copies cost less than the walk (as in roi_client.framing).
 WALK_MIN_BYTES = 256 << 10
+# Payloads we write start on this offset of the message, after a padding field that no
+# message of the protocol uses (the largest field number protobuf allows): readers skip it
+# as an unknown field, and a reader's view of the payload is aligned for any dtype.
+ALIGNMENT = 64
+PAD_FIELD = (1 << 29) - 1
+_PAD_KEY = bytes([0xFA, 0xFF, 0xFF, 0xFF, 0x0F])  # (PAD_FIELD << 3) | 2 as a varint
 
 DATATYPE_OF_NUMPY = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "INT64"}
 NUMPY_OF_DATATYPE = {
@@ -131,20 +137,42 @@ def parse_infer_response(
     return _parse(pb.ModelInferResponse, raw, RAW_OUTPUT_FIELD, min_bytes)
 
 
-def serialize_with_payloads(msg: Any, payloads: Sequence[Any], number: int, wrap_key: bytes = b"") -> bytes:
+def serialize_with_payloads(
+    msg: Any, payloads: Sequence[Any], number: int, wrap_key: bytes = b"", align: int = ALIGNMENT
+) -> bytes:
     """``msg`` with each of ``payloads`` (C-contiguous buffers) appended as its top-level
     bytes field ``number``: protobuf serialises the header and the payloads' memory is joined
-    once. ``wrap_key``: the key of the length-delimited field of an outer message that holds
-    ``msg`` (the outer message is returned)."""
-    parts: list[Any] = [msg.SerializeToString()]
+    once. Before each payload a padding field (:data:`PAD_FIELD`, which readers skip as an
+    unknown field) puts it on an ``align``-byte offset of the message (0: no padding), so that
+    a reader's views of it are aligned for any dtype. ``wrap_key``: the key of the
+    length-delimited field of an outer message that holds ``msg`` (the outer message is
+    returned; offsets are then counted from its start)."""
+    head = msg.SerializeToString()
+    parts: list[Any] = [head]
     key = encode_varint((number << 3) | 2)
+    views = []
     for payload in payloads:
         view = memoryview(payload)
-        view = view.cast("B") if view.nbytes else memoryview(b"")
-        parts += [key, encode_varint(view.nbytes), view]
-    if wrap_key:
+        views.append(view.cast("B") if view.nbytes else memoryview(b""))
+    # The outer key and length come first; the length's size depends on the padding, which
+    # depends on it: the padding is laid out for a length varint of each size in turn.
+    for outer_len_size in range(1, 11) if wrap_key else (0,):
+        parts = [head]
+        at = len(wrap_key) + outer_len_size + len(head)
+        for view in views:
+            if align:
+                fixed = len(_PAD_KEY) + 1 + len(key) + len(encode_varint(view.nbytes))
+                pad = (-(at + fixed)) % align
+                parts.append(_PAD_KEY + bytes([pad]) + bytes(pad))
+                at += len(_PAD_KEY) + 1 + pad
+            parts += [key, encode_varint(view.nbytes), view]
+            at += len(key) + len(encode_varint(view.nbytes)) + view.nbytes
+        if not wrap_key:
+            break
         size = sum(memoryview(x).nbytes for x in parts)
-        parts[:0] = [wrap_key, encode_varint(size)]
+        if len(encode_varint(size)) == outer_len_size:
+            parts[:0] = [wrap_key, encode_varint(size)]
+            break
     return b"".join(parts)
 
 
