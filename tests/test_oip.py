@@ -739,3 +739,69 @@ def test_loadtest_over_oip(server, tmp_path):
         check=False, capture_output=True, text=True, timeout=60, env=env,
     )  # fmt: skip
     assert ragged.returncode == 2 and "no ragged maps" in ragged.stderr
+
+
+def test_shared_memory_errors_name_the_input(stub, server, seed):
+    """Shared memory through our stubs: a key outside the prefix, an unregistered region, a
+    byte size that is not the tensor's and an output region too small are each refused naming
+    what is wrong; a server without --allow-shared-memory refuses with FAILED_PRECONDITION."""
+    case = oip_case("roi_align", "FP32", torch.Generator().manual_seed(seed))
+    x = as_numpy(case.inputs[0][2])
+    key = f"roi_oip_test_{os.getpid()}"
+    path = Path("/dev/shm") / key
+    path.write_bytes(x.tobytes() + bytes(case.output_bytes))
+    try:
+
+        def refused(call, code, words):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == code, err.value.details()
+            assert words in err.value.details(), err.value.details()
+
+        reg = pb.SystemSharedMemoryRegisterRequest
+        refused(lambda: stub.SystemSharedMemoryRegister(reg(name="m", key="/other_x", byte_size=16)),
+                grpc.StatusCode.INVALID_ARGUMENT, "key: this server maps only objects whose names start with 'roi_'")  # fmt: skip
+        stub.SystemSharedMemoryRegister(reg(name="m", key="/" + key, byte_size=path.stat().st_size))
+        status = stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(name="m"))
+        assert status.regions["m"].key == "/" + key and status.regions["m"].byte_size == path.stat().st_size
+
+        def with_region(region: str, size: int, out_size: int | None = None) -> pb.ModelInferRequest:
+            req = case.request()
+            req.ClearField("raw_input_contents")
+            req.inputs[1].contents.fp32_contents.extend(case.inputs[1][2].reshape(-1).tolist())
+            req.inputs[0].parameters["shared_memory_region"].string_param = region
+            req.inputs[0].parameters["shared_memory_byte_size"].int64_param = size
+            if out_size is not None:
+                out = req.outputs.add(name="output")
+                out.parameters["shared_memory_region"].string_param = "m"
+                out.parameters["shared_memory_byte_size"].int64_param = out_size
+                out.parameters["shared_memory_offset"].int64_param = x.nbytes
+            return req
+
+        # Typed rois and the map in the region: the result as by the wire.
+        resp = stub.ModelInfer(with_region("m", x.nbytes))
+        assert_bits(decode_output(resp), case.reference)
+        resp = stub.ModelInfer(with_region("m", x.nbytes, case.output_bytes))
+        assert not resp.raw_output_contents
+        got = np.frombuffer(path.read_bytes()[x.nbytes :], np.float32).reshape(case.reference.shape)
+        assert_bits(got, case.reference)
+        refused(lambda: stub.ModelInfer(with_region("nope", x.nbytes)), grpc.StatusCode.INVALID_ARGUMENT,
+                "input 'input' shared_memory_region: no region 'nope' is registered")  # fmt: skip
+        refused(lambda: stub.ModelInfer(with_region("m", x.nbytes - 4)), grpc.StatusCode.INVALID_ARGUMENT,
+                "input 'input' shared_memory_byte_size")  # fmt: skip
+        refused(lambda: stub.ModelInfer(with_region("m", x.nbytes, case.output_bytes - 4)),
+                grpc.StatusCode.INVALID_ARGUMENT, "output 'output' shared_memory_byte_size")  # fmt: skip
+        stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(name="m"))
+        refused(lambda: stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(name="m")),
+                grpc.StatusCode.INVALID_ARGUMENT, "name: no region 'm' is registered")  # fmt: skip
+        with in_process_server() as off, grpc.insecure_channel(off.address) as channel:
+            off_stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            refused(lambda: off_stub.SystemSharedMemoryRegister(reg(name="m", key="/" + key, byte_size=16)),
+                    grpc.StatusCode.FAILED_PRECONDITION, "--allow-shared-memory")  # fmt: skip
+            refused(lambda: off_stub.ModelInfer(with_region("m", x.nbytes)), grpc.StatusCode.FAILED_PRECONDITION,
+                    "input 'input' shared memory: shared memory is off on this server")  # fmt: skip
+            assert (
+                "system_shared_memory" not in off_stub.ServerMetadata(pb.ServerMetadataRequest()).extensions
+            )
+    finally:
+        path.unlink()
