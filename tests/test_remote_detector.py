@@ -267,3 +267,20 @@ def test_importing_roi_client_does_not_import_torch(tmp_path):
 
     code = "import sys, roi_client; assert 'torch' not in sys.modules, 'roi_client imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+
+
+def test_the_example_script_runs_against_a_server(server):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "docs" / "examples" / "remote_maskrcnn.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--address", server.address, "--size", "160x200", "--images", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "equal to the stock model's: True" in done.stdout
+    assert "in 1 upload(s)" in done.stdout
