@@ -491,6 +491,14 @@ def test_tritonclient_with_a_token(triton_python, tmp_path, seed):
         without = run_triton(
             triton_python, srv.address, tmp_path / "without", [infer_call(case)], {case.name: case}
         )
+        labels = {"op": "roi_pool", "code": "UNAUTHENTICATED"}
+        # Refused by the token check, and counted under its model as roi.v1's are.
+        assert registry_value(srv, "roi_requests_by_protocol_total", protocol="oip", **labels) == 1
+        assert registry_value(srv, "roi_requests_total", **labels) == 1
+        assert (
+            registry_value(srv, "roi_requests_by_protocol_total", protocol="oip", op="roi_pool", code="OK")
+            == 1
+        )
     assert with_token[case.name]["ok"]
     assert_bits(result_of(tmp_path / "with", case.name), case.reference)
     assert not without[case.name]["ok"] and without[case.name]["status"] == "StatusCode.UNAUTHENTICATED"

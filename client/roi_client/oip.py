@@ -48,7 +48,8 @@ NUMPY_OF_DATATYPE = {
 }
 
 
-def _varint(buf: Any, pos: int, end: int) -> tuple[int, int]:
+def read_varint(buf: Any, pos: int, end: int) -> tuple[int, int]:
+    """A varint at ``pos`` of ``buf[:end]``: (value, the position after it); ValueError if cut short."""
     value = shift = 0
     while pos < end and shift < 64:
         byte = buf[pos]
@@ -79,18 +80,18 @@ def split_bytes_field(raw: bytes, number: int) -> tuple[bytes, list[tuple[int, i
     try:
         while pos < n:
             key_start = pos
-            key, pos = _varint(raw, pos, n)
+            key, pos = read_varint(raw, pos, n)
             field_number, wire_type = key >> 3, key & 7
             if field_number == 0 or key >> 32:
                 return None
             if wire_type == 0:
-                _, pos = _varint(raw, pos, n)
+                _, pos = read_varint(raw, pos, n)
             elif wire_type == 1:
                 pos += 8
             elif wire_type == 5:
                 pos += 4
             elif wire_type == 2:
-                length, body = _varint(raw, pos, n)
+                length, body = read_varint(raw, pos, n)
                 if length > n - body:
                     return None
                 pos = body + length

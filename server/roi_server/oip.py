@@ -173,6 +173,32 @@ def serialize_infer_response(
     return wire_oip.serialize_infer_response(resp, [] if payload is None else [payload], wrap_key)
 
 
+def peek_model_name(raw: bytes) -> str:
+    """ModelInferRequest.model_name (field 1) read from the first fields of ``raw`` without
+    parsing it (a refused request costs no copy of its tensors); "" where it is not found."""
+    view = memoryview(raw)
+    try:
+        split_at = 0
+        for _ in range(16):
+            if split_at >= len(view):
+                break
+            key, pos = wire_oip.read_varint(view, split_at, len(view))
+            if key & 7 == 2:
+                length, body = wire_oip.read_varint(view, pos, len(view))
+                if key >> 3 == 1:
+                    return bytes(view[body : body + length]).decode("utf-8", "replace")
+                split_at = body + length
+            elif key & 7 == 0:
+                _, split_at = wire_oip.read_varint(view, pos, len(view))
+            elif key & 7 in (1, 5):
+                split_at = pos + (8 if key & 7 == 1 else 4)
+            else:
+                break
+    except ValueError:
+        pass
+    return ""
+
+
 # -- translation ------------------------------------------------------------------------------
 
 _FIELD_RULES: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = [
@@ -558,6 +584,23 @@ class OIPService:
 
     def _note_arrival(self) -> None:
         self.roi.last_arrival = time.monotonic()
+
+    def count_refusal(
+        self, method: str, raw: bytes | None, code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED
+    ) -> None:
+        """Counts a call refused before it reached this service (by the token check): a
+        ModelInfer call under the model its message names, a ModelStreamInfer as one request
+        of op "unknown"; the other methods are not requests and are not counted."""
+        if method == f"/{SERVICE_NAME}/ModelInfer":
+            model = peek_model_name(raw) if raw is not None else ""
+            op = model if model in OP_OF_MODEL else "unknown"
+        elif method == f"/{SERVICE_NAME}/ModelStreamInfer":
+            op = "unknown"
+        else:
+            return
+        m = self.metrics
+        m.child(m.requests, op, code.name).inc()
+        m.child(m.requests_by_protocol, PROTOCOL, op, code.name).inc()
 
     # -- small methods ------------------------------------------------------------------------
 

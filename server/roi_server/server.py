@@ -56,13 +56,22 @@ log = logging.getLogger("roi_server")
 HEALTH_SERVICES = ("", SERVICE_NAME)
 
 
-def build_interceptors(settings: Settings, service: RoIService | None = None) -> list[grpc.aio.ServerInterceptor]:
+def build_interceptors(
+    settings: Settings, service: RoIService | None = None, oip: OIPService | None = None
+) -> list[grpc.aio.ServerInterceptor]:
     """Interceptors run on every call, health and reflection included. Calls of ``service``'s
-    Pool and PoolStream that the token check refuses are counted by it (UNAUTHENTICATED)."""
+    Pool and PoolStream (and of ``oip``'s ModelInfer and ModelStreamInfer) that the token check
+    refuses are counted by it (UNAUTHENTICATED)."""
     tokens = settings.bearer_tokens()
     if not tokens:
         return []
-    return [TokenAuthInterceptor(tokens, on_refusal=service.count_refusal if service is not None else None)]
+    counters = [c.count_refusal for c in (service, oip) if c is not None]
+
+    def on_refusal(method: str, raw: bytes | None, *rest) -> None:
+        for count in counters:
+            count(method, raw, *rest)
+
+    return [TokenAuthInterceptor(tokens, on_refusal=on_refusal if counters else None)]
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
@@ -303,7 +312,7 @@ class RoIServer:
             self.metrics_port = self._metrics_http.port
         _check_port_free(s.host, s.port, "gRPC", "--port", "ROI_PORT")
 
-        server = grpc.aio.server(interceptors=build_interceptors(s, self.service), options=grpc_options(s))
+        server = grpc.aio.server(interceptors=build_interceptors(s, self.service, self.oip), options=grpc_options(s))
         server.add_generic_rpc_handlers((self.service.handler(), self.shm_service.handler(), self.oip.handler()))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
