@@ -4,8 +4,9 @@ name them (``PoolRequest.handle``), within a byte budget and a time-to-live.
 A detector pools one FPN pyramid several times per forward pass (the box head over a
 thousand boxes, the mask head over a hundred, every stage of a cascade); without handles
 every one of those requests carries the whole pyramid. The store keeps each upload's maps
-in memory it owns, on the device the kernels run on (moved there once, at upload), in the
-form an inline request's maps take after decoding: one ``Tensor[N, C, H, W]``, a list of
+on the device the kernels run on (see :func:`_own`: on the CPU the received messages' bytes
+themselves, on a GPU a copy moved there once, at upload), in the form an inline request's
+maps take after decoding: one ``Tensor[N, C, H, W]``, a list of
 per-image ``Tensor[C, H_i, W_i]``, or one ``Tensor[N, C, H_l, W_l]`` per level. A request
 naming a handle therefore decodes to the same :class:`~roi_server.codec.DecodedRequest` as
 an inline one, with the same batch key: requests on different handles and inline requests
@@ -304,8 +305,8 @@ class FeatureStore:
         registry: SharedMemoryRegistry | None,
         owner: str,
     ) -> None:
-        """One message: validated as an inline request's maps are, its bytes reserved, its maps
-        copied onto the store's device."""
+        """One message: validated as an inline request's maps are, its bytes reserved, and its
+        maps kept (see :func:`_own`)."""
         from google.protobuf.message import DecodeError
 
         try:
@@ -332,7 +333,8 @@ class FeatureStore:
         tensors = _message_maps(msg, which, contents, up)
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         self._reserve(res, nbytes)
-        up.chunks.append([_own(t, self.device) for t in tensors])
+        in_region = any(t.WhichOneof("contents") == "shared_memory" for t in _upload_tensors(msg, which))
+        up.chunks.append([_own(t, self.device, in_region) for t in tensors])
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
 
@@ -452,12 +454,23 @@ def _no_shared_memory() -> SharedMemoryRegistry:
     return SharedMemoryRegistry(enabled=False, prefix="")
 
 
-def _own(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A contiguous copy of a view of the received bytes (or of a client's region), which the
-    store owns: the message and the region are let go once the upload ends."""
+def _own(t: torch.Tensor, device: torch.device, in_region: bool) -> torch.Tensor:
+    """``t`` as the store keeps it. On the CPU, a view of the received message (``t`` itself):
+    its bytes are immutable, and the view keeps them alive for as long as the store holds it,
+    so that an upload costs no copy, as inline maps cost none. A view of a client's shared
+    memory region is copied (the region is the client's to reuse), as is everything on a GPU
+    (moved to the device once, here)."""
     if device.type == "cpu":
-        return t.clone(memory_format=torch.contiguous_format)
+        return t.clone(memory_format=torch.contiguous_format) if in_region else t
     return t.to(device, copy=True).contiguous()
+
+
+def _upload_tensors(msg: roi_pb2.UploadFeaturesRequest, which: str) -> list[roi_pb2.Tensor]:
+    if which == "input":
+        return [msg.input]
+    if which == "ragged":
+        return list(msg.ragged.maps)
+    return [lv.map for lv in msg.pyramid.levels]
 
 
 def _message_maps(
