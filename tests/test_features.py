@@ -12,6 +12,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import fuzz_requests
 import grpc
 import numpy as np
 import pytest
@@ -23,6 +24,8 @@ from roi_client import AsyncRoIClient, EncodedRequest, FeatureHandleGone, RoICli
 from roi_client._proto.roi.v1 import roi_pb2
 from roi_client.channel import call_metadata
 from roi_client.features import RELEASE, UPLOAD
+from roi_server import features as features_module
+from roi_server.features import FeatureStore
 from roi_server.server import BackgroundServer
 from roi_server.settings import Settings, load_settings
 from test_service_support import (
@@ -730,3 +733,22 @@ def test_threads_that_find_the_handle_gone_together_upload_it_once(client, serve
         for got, b in zip(outs, boxes):
             assert_bitwise_equal(got, roi_kernels.roi_align(x, b, 2, 0.25, 2))
         assert registry_value(server, "roi_feature_uploads_total", code="OK") - uploads == 1
+
+
+def test_the_store_keeps_views_of_a_message_that_is_all_maps_and_copies_out_of_one_that_is_not(seed):
+    """On the CPU an upload costs no copy: the maps stay views of the received bytes, which the
+    store then holds; a message padded with other bytes (an unknown field) has its maps copied,
+    so that the store never holds more than it counts."""
+    gen = torch.Generator().manual_seed(seed)
+    x = _maps(gen, (2, 16, 64, 64), torch.float32)  # 512 KiB: read by the zero-copy walker
+    msg = roi_pb2.UploadFeaturesRequest(input=codec.encode_tensor(x.numpy()))
+    junk = fuzz_requests.wire_field(99, 2, bytes(256 << 10))
+    for raw, viewed in ((msg.SerializeToString(), True), (msg.SerializeToString() + junk, False)):
+        store = FeatureStore(8 << 20, 60.0)
+        up, res = features_module._Upload(), features_module._Reservation("")
+        store._receive(raw, 0, up, res, None, "")
+        kept = up.chunks[0][0]
+        start = np.frombuffer(raw, np.uint8).ctypes.data
+        inside = start <= kept.data_ptr() < start + len(raw)
+        assert inside == viewed and res.nbytes == x.numel() * 4
+        assert_bitwise_equal(kept, x)

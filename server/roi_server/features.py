@@ -60,6 +60,10 @@ from .shm import SharedMemoryRegistry
 log = logging.getLogger(__name__)
 
 GiB = 1 << 30
+# A message whose bytes besides its maps (headers, shapes, alignment padding: a few hundred
+# bytes from roi_client) pass this, or 1/256 of its maps, has its maps copied instead of kept
+# as views of it (which would hold the rest too, uncounted).
+VIEW_SLACK_BYTES = 4096
 # Handles that went (expired, evicted, released) are remembered this long, so that a request
 # naming one is told which; older ones are just unknown.
 GONE_MEMORY = 4096
@@ -334,7 +338,11 @@ class FeatureStore:
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         self._reserve(res, nbytes)
         in_region = any(t.WhichOneof("contents") == "shared_memory" for t in _upload_tensors(msg, which))
-        up.chunks.append([_own(t, self.device, in_region) for t in tensors])
+        # Views of the message keep all of its bytes alive: only where those are (nearly) all
+        # maps, so that what the store holds is what it counts.
+        slack = len(raw) - nbytes
+        copy = in_region or (bool(frame.spans) and slack > max(VIEW_SLACK_BYTES, nbytes >> 8))
+        up.chunks.append([_own(t, self.device, copy) for t in tensors])
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
 
@@ -454,14 +462,14 @@ def _no_shared_memory() -> SharedMemoryRegistry:
     return SharedMemoryRegistry(enabled=False, prefix="")
 
 
-def _own(t: torch.Tensor, device: torch.device, in_region: bool) -> torch.Tensor:
+def _own(t: torch.Tensor, device: torch.device, copy: bool) -> torch.Tensor:
     """``t`` as the store keeps it. On the CPU, a view of the received message (``t`` itself):
     its bytes are immutable, and the view keeps them alive for as long as the store holds it,
-    so that an upload costs no copy, as inline maps cost none. A view of a client's shared
-    memory region is copied (the region is the client's to reuse), as is everything on a GPU
-    (moved to the device once, here)."""
+    so that an upload costs no copy, as inline maps cost none. ``copy``: a view of a client's
+    shared memory region (the region is the client's to reuse), or of a message that holds
+    much besides its maps. On a GPU everything is copied (moved to the device once, here)."""
     if device.type == "cpu":
-        return t.clone(memory_format=torch.contiguous_format) if in_region else t
+        return t.clone(memory_format=torch.contiguous_format) if copy else t
     return t.to(device, copy=True).contiguous()
 
 
