@@ -813,3 +813,34 @@ def test_shared_memory_errors_name_the_input(stub, server, seed):
             )
     finally:
         path.unlink()
+
+
+def test_multiscale_levels_are_checked_by_name(stub, seed):
+    """Levels are level_0 ... level_<L-1>: a gap, a huge index or one level named twice is
+    refused naming the input; scales per level as parameters need one per level."""
+    case = oip_case("multiscale_roi_align", "FP32", torch.Generator().manual_seed(seed), variant=1)
+
+    def renamed(names: dict[str, str]) -> pb.ModelInferRequest:
+        req = case.request()
+        for inp in req.inputs:
+            inp.name = names.get(inp.name, inp.name)
+        return req
+
+    for names, words in [
+        ({"level_1": "level_7"}, "input 'level_1': is missing"),
+        ({"level_0": "level_1000000000000", "level_1": "level_9", "level_2": "level_8", "level_3": "level_5"},
+         "input 'level_0': is missing"),
+        ({"level_1": "level_00"}, "input 'level_00': names level 0, which another input names too"),
+        ({"rois": "boxes"}, "input 'boxes': unknown for model 'multiscale_roi_align'"),
+    ]:  # fmt: skip
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(renamed(names))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in err.value.details(), (
+            err.value.details()
+        )
+    req = case.request()
+    del req.parameters["spatial_scale_2"]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(req)
+    assert "parameters 'spatial_scale_<l>': give a scale on every level or on none" in err.value.details()
+    assert_bits(decode_output(stub.ModelInfer(case.request())), case.reference)

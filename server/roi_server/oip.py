@@ -433,7 +433,10 @@ def translate(
             out.input.CopyFrom(tensor)
         else:
             assert level is not None
-            levels[int(level.group(1))] = tensor
+            index = int(level.group(1))
+            if index in levels:
+                raise InvalidArgument(where, f"names level {index}, which another input names too")
+            levels[index] = tensor
     if "rois" not in seen:
         raise InvalidArgument("input 'rois'", f"is missing: model {model!r} takes {_expected_inputs(model)}")
     if multiscale:
@@ -441,10 +444,11 @@ def translate(
             raise InvalidArgument(
                 "input 'level_0'", f"is missing: model {model!r} takes {_expected_inputs(model)}"
             )
-        missing = sorted(set(range(max(levels) + 1)) - set(levels))
-        if missing:
+        # The first index not given (a name like level_1000000 must not cost a range of it).
+        missing = next(i for i in range(len(levels) + 1) if i not in levels)
+        if missing < len(levels) or max(levels) >= len(levels):
             raise InvalidArgument(
-                f"input 'level_{missing[0]}'",
+                f"input 'level_{missing}'",
                 f"is missing: levels are level_0 ... level_{max(levels)}, finest first",
             )
         for index in range(len(levels)):
