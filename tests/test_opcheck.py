@@ -1,5 +1,6 @@
 """``torch.library.opcheck`` for every op on the CPU (schema, fake implementation, dispatcher
-registrations, AOT dispatch with dynamic shapes) over dtypes, layouts and empty box sets; and
+registrations, AOT dispatch with dynamic shapes) over dtypes, layouts and empty box sets, with
+and without gradients (the autograd registration), and for every backward op; and
 ``torch.compile(fullgraph=True)`` over the ops."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import torch
 from conftest import random_boxes
 
 import roi_kernels
+from roi_kernels._autograd import channels_last
 
 OPS = torch.ops.roi_kernels
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -79,8 +81,42 @@ ALL = [
 ]
 
 
+def with_grad(args):
+    """args with the maps (the first argument: a tensor or a list of them) requiring grad, so
+    that opcheck also checks the autograd registration and differentiates through the op."""
+    first = args[0]
+    if isinstance(first, torch.Tensor):
+        return (first.detach().requires_grad_(), *args[1:])
+    return ([m.detach().requires_grad_() for m in first], *args[1:])
+
+
+def backward_sample(op: str, dtype: torch.dtype, lay: str, empty: bool):
+    """(backward op overload, args) from the forward's sample: the arguments the autograd
+    formula (roi_kernels/_autograd.py) passes, with a random upstream gradient."""
+    overload, args = samples(op, dtype, lay, empty)
+    name = overload.name().split("::")[1]
+    first, boxes, rest = args[0], args[1], args[2:]
+    grad = torch.randn(overload(*args).shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    maps = [first] if isinstance(first, torch.Tensor) else list(first)
+    sizes = [s for m in maps for s in m.shape]
+    layouts = [channels_last(m) for m in maps]
+    backward = getattr(OPS, f"{name}_backward").default
+    if name == "roi_align":
+        return backward, (grad, boxes, first if rest[-1] == "max" else None, sizes, layouts[0], *rest)
+    if name in ("roi_align_ragged", "multiscale_roi_align", "multiscale_roi_align_ragged"):
+        mode = rest[5]
+        return backward, (grad, boxes, maps if mode == "max" else [], sizes, layouts, *rest)
+    if name.startswith("roi_pool"):
+        return backward, (grad, boxes, first, *rest)
+    if isinstance(first, torch.Tensor):
+        return backward, (grad, boxes, sizes, layouts[0], *rest)
+    return backward, (grad, boxes, sizes, layouts, *rest)
+
+
 def test_every_registered_op_is_checked():
     checked = {samples(op, torch.float32, "contiguous", False)[0].name().split("::")[1] for op in ALL}
+    for op in ALL:
+        checked.add(backward_sample(op, torch.float32, "contiguous", False)[0].name().split("::")[1])
     registered = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("roi_kernels::")}
     # _place_output is the server's hook into the CPU output allocation, not an op with
     # results (tests/test_engine_batches.py checks it).
@@ -98,6 +134,27 @@ def test_opcheck(op, dtype, lay):
 @pytest.mark.parametrize("op", ALL)
 def test_opcheck_without_boxes(op):
     overload, args = samples(op, torch.float32, "contiguous", empty=True)
+    torch.library.opcheck(overload, args)
+
+
+@pytest.mark.parametrize("lay", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("op", ALL)
+def test_opcheck_with_gradients(op, dtype, lay):
+    """The autograd registration (torch.library.register_autograd in roi_kernels/_autograd.py):
+    opcheck's autograd-registration check, and AOT dispatch differentiating through the op."""
+    overload, args = samples(op, dtype, lay, empty=False)
+    torch.library.opcheck(overload, with_grad(args))
+
+
+@pytest.mark.parametrize("empty", [False, True])
+@pytest.mark.parametrize("lay", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", ALL)
+def test_opcheck_backward_ops(op, dtype, lay, empty):
+    """Each backward op itself: schema, fake (shapes, dtypes and layouts of the gradients),
+    registrations, AOT dispatch with dynamic shapes."""
+    overload, args = backward_sample(op, dtype, lay, empty)
     torch.library.opcheck(overload, args)
 
 
