@@ -1,11 +1,13 @@
 // roi_align_rotated on the CPU, over one map or a ragged batch of per-image maps.
 //
-// Work is cut into (box, bin) items run with at::parallel_for. Every channel samples a bin at
-// the same points, so an item computes the bin's taps once, in chunks, and applies each chunk
-// to all channels; the per-box geometry (centre, rotation, grid) is computed once, before the
-// items. Only the samples that math::rotated_scan says can land on the map are visited, which
-// bounds the work of huge boxes (see roi_math.h). Each channel's sum runs over the
-// samples in row-then-column order, the order of the CUDA kernel and of detectron2.
+// The channel loop runs over packed tiles of kBlock channels (cpu/tiled.h), as roi_align's
+// does: each of a sample's 4 taps is then a contiguous vector of channels instead of a scalar
+// load from each of C planes. The per-box geometry (centre, rotation, grid) is computed once,
+// before the tiles, along with the window of the map the box's samples read (one pass over
+// its samples); each channel block then recomputes the samples' taps, a few scalar operations
+// shared by B channels. Only the samples that math::rotated_scan says can land on the map are
+// visited, which bounds the work of huge boxes (see roi_math.h). Each channel's sum runs over
+// the samples in row-then-column order, the order of the CUDA kernel and of detectron2.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -13,39 +15,81 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "../checks.h"
 #include "../map_set.h"
 #include "../roi_math.h"
-#include "images.h"
 #include "output_cache.h"
+#include "tiled.h"
 
 namespace roi_kernels {
 namespace {
 
-// Taps are applied to the channels in chunks this long: long enough to amortise the pass
-// over the channels, short enough to stay in L1 (a bin can have 2^20 samples).
-constexpr size_t kTapChunk = 512;
+using cpu::BoxSource;
+using cpu::Tile;
+using cpu::Window;
 
-template <typename scalar_t, typename acc_t>
-void apply_chunk(
-    const std::vector<math::BilinearTaps<acc_t>>& taps,
-    const scalar_t* first_plane,
-    int64_t plane_step,
-    int64_t channels,
-    acc_t* sums) {
-  for (int64_t c = 0; c < channels; ++c) {
-    const scalar_t* plane = first_plane + c * plane_step;
-    acc_t s = sums[c];
-    for (const auto& t : taps) {
-      s += math::apply_taps<acc_t>(plane, t);
+// The cells a box's samples read: every sample's taps, enumerated once with the map's own
+// element offsets (row stride = width) and decoded back into rows and columns.
+template <typename acc_t>
+Window rotated_window(
+    const math::RotatedGeometry<acc_t>& g,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t height,
+    int64_t width) {
+  int64_t y0 = std::numeric_limits<int64_t>::max(), y1 = std::numeric_limits<int64_t>::min();
+  int64_t x0 = y0, x1 = y1;
+  for (int64_t ph = 0; ph < pooled_height; ++ph) {
+    for (int64_t pw = 0; pw < pooled_width; ++pw) {
+      math::for_each_rotated_sample(g, ph, pw, height, width, width, 1, [&](const math::BilinearTaps<acc_t>& t) {
+        // o1 is (y lo, x lo), o4 (y hi, x hi): the sample's corner cells.
+        y0 = std::min(y0, t.o1 / width);
+        x0 = std::min(x0, t.o1 % width);
+        y1 = std::max(y1, t.o4 / width + 1);
+        x1 = std::max(x1, t.o4 % width + 1);
+      });
     }
-    sums[c] = s;
+  }
+  if (y1 <= y0 || x1 <= x0) {
+    return Window{};
+  }
+  return Window{y0, y1, x0, x1};
+}
+
+template <int B, typename acc_t>
+inline void accumulate_rotated(
+    const Tile<acc_t>& tile,
+    const math::RotatedGeometry<acc_t>& g,
+    int64_t ph,
+    int64_t pw,
+    int64_t height,
+    int64_t width,
+    acc_t* out) {
+  acc_t v[B];
+  for (int j = 0; j < B; ++j) {
+    v[j] = acc_t(0);
+  }
+  // Taps computed with the tile's strides, then moved to its origin (the window's corner).
+  const acc_t* t = tile.data;
+  const int64_t origin = tile.at(0, 0, B);
+  math::for_each_rotated_sample(g, ph, pw, height, width, tile.width * B, B, [&](const math::BilinearTaps<acc_t>& s) {
+    const acc_t* p1 = t + (s.o1 + origin);
+    const acc_t* p2 = t + (s.o2 + origin);
+    const acc_t* p3 = t + (s.o3 + origin);
+    const acc_t* p4 = t + (s.o4 + origin);
+    for (int j = 0; j < B; ++j) {
+      v[j] += math::bilinear_combine(s.w, p1[j], p2[j], p3[j], p4[j]);
+    }
+  });
+  for (int j = 0; j < B; ++j) {
+    out[j] = math::average(v[j], g.count);
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int B>
 void roi_align_rotated_cpu(
     const MapSet& s,
     const at::Tensor& rois,
@@ -56,63 +100,51 @@ void roi_align_rotated_cpu(
     bool aligned,
     at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const std::vector<cpu::Image<scalar_t>> images = cpu::images_of<scalar_t>(s);
   const int64_t num_images = s.num_images;
-  const int64_t channels = s.channels;
   const int64_t num_boxes = rois.size(0);
-  const int64_t bins = pooled_height * pooled_width;
   const acc_t* r = rois.const_data_ptr<acc_t>();
-  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+
+  // Image n of the batch (the boxes' index) is image image_of[n].second of map image_of[n].first.
+  std::vector<std::pair<int64_t, int64_t>> image_of;
+  for (size_t m = 0; m < s.maps.size(); ++m) {
+    for (int64_t n = 0; n < s.maps[m].size(0); ++n) {
+      image_of.emplace_back(static_cast<int64_t>(m), n);
+    }
+  }
 
   std::vector<math::RotatedGeometry<acc_t>> geometry(num_boxes);
-  std::vector<int64_t> image(num_boxes, -1);
-  at::parallel_for(0, num_boxes, 256, [&](int64_t begin, int64_t end) {
+  std::vector<BoxSource> sources(num_boxes);
+  at::parallel_for(0, num_boxes, 64, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const acc_t* b = r + k * 6;
       int64_t n = 0;
+      BoxSource& src = sources[k];
       if (!math::batch_index(b[0], num_images, n)) {
-        continue;  // checked before the kernel; guarded here all the same
+        src.map = -1;  // checked before the kernel; guarded here all the same
+        continue;
       }
-      image[k] = n;
       geometry[k] = math::rotated_geometry<acc_t>(
           b[1], b[2], b[3], b[4], b[5], static_cast<acc_t>(spatial_scale), aligned, pooled_height, pooled_width,
           sampling_ratio);
+      src.map = image_of[n].first;
+      src.image = image_of[n].second;
+      const at::Tensor& m = s.maps[src.map];
+      src.window = rotated_window(geometry[k], pooled_height, pooled_width, m.size(2), m.size(3));
     }
   });
 
-  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(channels, 1));
-  at::parallel_for(0, num_boxes * bins, grain, [&](int64_t begin, int64_t end) {
-    std::vector<math::BilinearTaps<acc_t>> taps;
-    std::vector<acc_t> sums(channels);
-    taps.reserve(kTapChunk);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t k = item / bins, bin = item % bins;
-      const int64_t ph = bin / pooled_width, pw = bin % pooled_width;
-      scalar_t* dst = o + k * channels * bins + bin;
-      if (image[k] < 0) {
-        for (int64_t c = 0; c < channels; ++c) {
-          dst[c * bins] = scalar_t(0);
+  const int64_t bins = pooled_height * pooled_width;
+  cpu::run_tiled<scalar_t, acc_t, B>(
+      s.maps, sources, s.channels, bins, out, [&](int64_t k, const Tile<acc_t>& tile, acc_t* acc) {
+        const math::RotatedGeometry<acc_t>& g = geometry[k];
+        const at::Tensor& m = s.maps[sources[k].map];
+        const int64_t height = m.size(2), width = m.size(3);
+        for (int64_t ph = 0; ph < pooled_height; ++ph) {
+          for (int64_t pw = 0; pw < pooled_width; ++pw) {
+            accumulate_rotated<B>(tile, g, ph, pw, height, width, acc + (ph * pooled_width + pw) * B);
+          }
         }
-        continue;
-      }
-      const math::RotatedGeometry<acc_t>& g = geometry[k];
-      const cpu::Image<scalar_t>& img = images[image[k]];
-      std::fill(sums.begin(), sums.end(), acc_t(0));
-      taps.clear();
-      math::for_each_rotated_sample(
-          g, ph, pw, img.height, img.width, img.stride_h, img.stride_w, [&](const math::BilinearTaps<acc_t>& t) {
-            taps.push_back(t);
-            if (taps.size() == kTapChunk) {
-              apply_chunk(taps, img.data, img.stride_c, channels, sums.data());
-              taps.clear();
-            }
-          });
-      apply_chunk(taps, img.data, img.stride_c, channels, sums.data());
-      for (int64_t c = 0; c < channels; ++c) {
-        dst[c * bins] = static_cast<scalar_t>(math::average(sums[c], g.count));
-      }
-    }
-  });
+      });
 }
 
 at::Tensor run(
@@ -138,7 +170,11 @@ at::Tensor run(
     return out;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "roi_align_rotated", [&] {
-    roi_align_rotated_cpu<scalar_t>(s, r, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, out);
+    cpu::dispatch_block<scalar_t>(s.channels, [&](auto block) {
+      constexpr int B = decltype(block)::value;
+      roi_align_rotated_cpu<scalar_t, B>(
+          s, r, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, out);
+    });
   });
   return out;
 }
