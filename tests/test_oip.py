@@ -844,3 +844,57 @@ def test_multiscale_levels_are_checked_by_name(stub, seed):
         stub.ModelInfer(req)
     assert "parameters 'spatial_scale_<l>': give a scale on every level or on none" in err.value.details()
     assert_bits(decode_output(stub.ModelInfer(case.request())), case.reference)
+
+
+def test_stream_answers_what_it_read_on_stop(seed):
+    """A ModelStreamInfer stream open when the server stops: the request it had read is
+    answered with its result, then the stream ends with UNAVAILABLE (which clients retry
+    elsewhere), as roi.v1's PoolStream does."""
+    gen = torch.Generator().manual_seed(seed)
+    sr = int(slow_case(gen, 1.0).name.split("-")[1])
+    xs = torch.randn(1, 32, 48, 48, generator=gen)
+    rois = torch.tensor([[0, 0.0, 0.0, 47.0, 47.0]] * 16)
+    params = {
+        "pooled_height": 7,
+        "pooled_width": 7,
+        "spatial_scale": 1.0,
+        "sampling_ratio": sr,
+        "aligned": True,
+    }
+    case = OIPCase("slow", "roi_align", [("input", "FP32", xs), ("rois", "FP32", rois)], params,
+                   roi_kernels.roi_align(xs, rois, 7, 1.0, sr, True))  # fmt: skip
+    srv = BackgroundServer(server_settings()).start()
+    got: dict = {"answers": []}
+    gate = threading.Event()
+
+    def requests():
+        yield case.request()
+        gate.wait(30)  # the stream stays open until the stop has begun
+
+    try:
+        with grpc.insecure_channel(srv.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+            def read():
+                try:
+                    for answer in stub.ModelStreamInfer(requests(), timeout=60):
+                        got["answers"].append(answer)
+                except grpc.RpcError as exc:
+                    got["end"] = exc.code()
+
+            reader = threading.Thread(target=read)
+            reader.start()
+            time.sleep(0.3)
+            stopper = threading.Thread(target=lambda: (srv.stop(grace=30), got.update(stopped=True)))
+            stopper.start()
+            reader.join(60)
+            gate.set()
+            stopper.join(60)
+    finally:
+        gate.set()
+        if not got.get("stopped"):
+            srv.stop()
+    [answer] = got["answers"]
+    assert not answer.error_message
+    assert_bits(decode_output(answer.infer_response), case.reference)
+    assert got.get("end") == grpc.StatusCode.UNAVAILABLE
