@@ -431,6 +431,17 @@ def test_upload_through_shared_memory(seed):
             # The server's store holds the maps it copied out of the region.
             assert registry_value(srv, "roi_feature_store_bytes") == x.numel() * 4
 
+        async def through_asyncio():
+            async with AsyncRoIClient(srv.address, timeout=60, shared_memory=True) as aclient:
+                received = registry_value(srv, "roi_received_bytes_total")
+                async with await aclient.features(x) as fm:
+                    sent = registry_value(srv, "roi_received_bytes_total") - received
+                    return sent, await fm.roi_align(boxes, 3, 1 / 8, 2)
+
+        sent, got = asyncio.run(through_asyncio())
+        assert sent < 4096, sent
+        assert_bitwise_equal(got, roi_kernels.roi_align(x, boxes, 3, 1 / 8, 2))
+
 
 def test_the_asyncio_client(server, seed):
     gen = torch.Generator().manual_seed(seed)

@@ -200,7 +200,7 @@ class AsyncRoIClient(OpMethods):
         ``async with fm: await fm.roi_align(...)``."""
         source, state = _features.prepare(maps, image_sizes, spatial_scales, ttl, wire_dtype, keep)
         state.update(await self._upload_features(source, state.ttl, timeout))
-        return _features.AsyncFeatureMaps(self, state, source, keep)
+        return _features.AsyncFeatureMaps(self, state, source)
 
     async def _upload_features(self, source: Any, ttl: float, timeout: Any) -> Any:
         if self._upload_limit is None:

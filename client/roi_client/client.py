@@ -247,7 +247,7 @@ class RoIClient(OpMethods):
         :class:`~roi_client.FeatureHandleGone` instead of being uploaded again."""
         source, state = _features.prepare(maps, image_sizes, spatial_scales, ttl, wire_dtype, keep)
         state.update(self._upload_features(source, state.ttl, timeout))
-        return _features.FeatureMaps(self, state, source, keep)
+        return _features.FeatureMaps(self, state, source)
 
     def _upload_features(self, source: Any, ttl: float, timeout: Any) -> Any:
         if self._upload_limit is None:

@@ -453,7 +453,7 @@ def prepare(
     return source, _State("", 0, 0.0, 0.0, source if keep else None, ttl_value)
 
 
-def _limit(raw_describe: bytes, client_max: int) -> int:
+def feature_limit(raw_describe: bytes, client_max: int) -> int:
     """The payload bytes an upload message may carry, from the server's Describe answer."""
     info = roi_pb2.DescribeResponse.FromString(raw_describe)
     if not info.feature_store.enabled:
@@ -463,10 +463,6 @@ def _limit(raw_describe: bytes, client_max: int) -> int:
         )
     server_max = int(info.limits.max_message_bytes) or client_max
     return max(1, min(server_max, client_max) - MESSAGE_MARGIN)
-
-
-def _response(raw: bytes) -> roi_pb2.UploadFeaturesResponse:
-    return roi_pb2.UploadFeaturesResponse.FromString(raw)
 
 
 class FeatureMaps(_HandleOps):
@@ -479,10 +475,9 @@ class FeatureMaps(_HandleOps):
     by the server on every use but not here).
     """
 
-    def __init__(self, client: RoIClient, state: _State, source: _Source, keep: bool) -> None:
+    def __init__(self, client: RoIClient, state: _State, source: _Source) -> None:
         self._client = client
         self._state = state
-        self._keep = keep
         self.kind = source.kind
         self._source_info = (source.channels, source.as_torch, source.wire_name)
         self.closed = False
@@ -562,10 +557,9 @@ class AsyncFeatureMaps(_HandleOps):
     expires_at = FeatureMaps.expires_at
     __repr__ = FeatureMaps.__repr__
 
-    def __init__(self, client: AsyncRoIClient, state: _State, source: _Source, keep: bool) -> None:
+    def __init__(self, client: AsyncRoIClient, state: _State, source: _Source) -> None:
         self._client = client
         self._state = state
-        self._keep = keep
         self.kind = source.kind
         self._source_info = (source.channels, source.as_torch, source.wire_name)
         self.closed = False
@@ -651,12 +645,8 @@ def region_messages(
     return _encode_parts(parts, region, offsets)
 
 
-def feature_limit(raw_describe: bytes, client_max: int) -> int:
-    return _limit(raw_describe, client_max)
-
-
 def decode_upload(raw: bytes) -> roi_pb2.UploadFeaturesResponse:
-    return _response(raw)
+    return roi_pb2.UploadFeaturesResponse.FromString(raw)
 
 
 def release_request(handle: str) -> bytes:
