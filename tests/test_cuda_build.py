@@ -44,6 +44,7 @@ OPS = {
     "roi_align_rotated",
     "roi_align_rotated_ragged",
 }
+OPS |= {f"{op}_backward" for op in OPS}  # each op's gradient (cuda/roi_backward.cu on CUDA)
 
 # ---------------------------------------------------------------------------------------------
 # 1. The CUDA sources compile
