@@ -214,9 +214,10 @@ def run_triton(
     calls: list[dict],
     cases: dict[str, OIPCase] | None = None,
     token: str | None = None,
+    tls_ca: Path | None = None,
 ) -> dict:
-    """Writes the cases' inputs and ``calls`` into ``folder``, runs triton_calls.py there, and
-    returns its results.json."""
+    """Writes the cases' inputs and ``calls`` into ``folder``, runs triton_calls.py there (with
+    ``token`` on every call, over TLS trusting ``tls_ca``), and returns its results.json."""
     folder.mkdir(parents=True, exist_ok=True)
     for case in (cases or {}).values():
         for name, _, t in case.inputs:
@@ -225,6 +226,8 @@ def run_triton(
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     if token:
         env["ROI_TEST_TOKEN"] = token
+    if tls_ca:
+        env["ROI_TEST_TLS_CA"] = str(tls_ca)
     done = subprocess.run(
         [str(python), str(TRITON_CALLS), address, str(folder)],
         check=False,
@@ -502,6 +505,31 @@ def test_tritonclient_with_a_token(triton_python, tmp_path, seed):
     assert with_token[case.name]["ok"]
     assert_bits(result_of(tmp_path / "with", case.name), case.reference)
     assert not without[case.name]["ok"] and without[case.name]["status"] == "StatusCode.UNAUTHENTICATED"
+
+
+def test_tritonclient_over_tls(triton_python, tmp_path, seed):
+    """A server with --tls-cert/--tls-key serves tritonclient over TLS (ssl=True, our CA)
+    on the same port, and refuses it in plaintext."""
+    from test_security import Authority
+
+    ca = Authority(tmp_path, "oip-test")
+    issued = ca.issue("roi-server", server=True)
+    case = oip_case("ps_roi_align", "FP16", torch.Generator().manual_seed(seed))
+    with in_process_server(tls_cert=str(issued.cert), tls_key=str(issued.key)) as srv:
+        secure = run_triton(
+            triton_python,
+            srv.address,
+            tmp_path / "tls",
+            [infer_call(case)],
+            {case.name: case},
+            tls_ca=ca.path,
+        )
+        plain = run_triton(
+            triton_python, srv.address, tmp_path / "plain", [infer_call(case)], {case.name: case}
+        )
+    assert secure[case.name]["ok"], secure
+    assert_bits(result_of(tmp_path / "tls", case.name), case.reference)
+    assert not plain[case.name]["ok"] and plain[case.name]["status"] == "StatusCode.UNAVAILABLE", plain
 
 
 def test_cuda_shared_memory_is_unimplemented(server, triton_python, tmp_path):

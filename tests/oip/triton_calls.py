@@ -5,7 +5,8 @@ grpcio), never in the project's: ``python triton_calls.py ADDRESS FOLDER``. FOLD
 ``calls.json`` and the inputs as ``.npy`` files; each call's result is written beside them as
 ``<id>.npy`` (BF16 results as their uint16 bit patterns) and ``results.json`` says how each
 call ended: ``{"ok": true, ...}`` or ``{"ok": false, "status": "StatusCode.INVALID_ARGUMENT",
-"message": "..."}``.
+"message": "..."}``. ROI_TEST_TOKEN: a bearer token every call carries; ROI_TEST_TLS_CA: TLS,
+trusting this CA file.
 
 A call (one object of calls.json) is one of
   {"id", "kind": "infer", "model", "inputs": [{"name", "datatype", "file"}], "parameters",
@@ -229,7 +230,9 @@ def main() -> int:
     calls = json.loads((folder / "calls.json").read_text())
     token = os.environ.get("ROI_TEST_TOKEN")
     results = {}
-    with grpcclient.InferenceServerClient(address) as client:
+    ca = os.environ.get("ROI_TEST_TLS_CA")
+    tls = {"ssl": True, "root_certificates": ca} if ca else {}
+    with grpcclient.InferenceServerClient(address, **tls) as client:
         if token:
             client.register_plugin(Bearer(token))
         for call in calls:
