@@ -735,6 +735,10 @@ def test_stop_finishes_in_flight_requests_and_readiness_goes_false(seed):
             srv.stop()
     assert out["ready"] in (False, grpc.StatusCode.UNAVAILABLE)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    # The refusal, made before the message is parsed, is counted under its model.
+    labels = {"protocol": "oip", "op": "roi_align"}
+    assert registry_value(srv, "roi_requests_by_protocol_total", code="UNAVAILABLE", **labels) >= 1
+    assert registry_value(srv, "roi_requests_by_protocol_total", code="OK", **labels) == 1
     assert_bits(decode_output(out["resp"]), ref)
 
 

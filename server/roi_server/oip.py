@@ -791,11 +791,16 @@ class OIPService:
         decoded: DecodedRequest | None = None
         try:
             batcher, info = self.roi.batcher, self.roi.info
-            if self._closing.is_set():
-                raise Unavailable("the server is shutting down")
-            if batcher is None or info is None:
-                raise Unavailable("the server is warming up")
-            batcher.refuse_if_full()
+            if self._closing.is_set() or batcher is None or info is None or batcher.full:
+                # Refused before parsing (under overload a refusal must cost far less than an
+                # answer), counted under the model its message names.
+                peeked = peek_model_name(raw)
+                op = peeked if peeked in OP_OF_MODEL else op
+                if self._closing.is_set():
+                    raise Unavailable("the server is shutting down")
+                if batcher is None or info is None:
+                    raise Unavailable("the server is warming up")
+                batcher.refuse_if_full()
             req, raw_inputs = await self._off_loop(len(raw), parse_infer_request, raw)
             req_id, model = req.id, req.model_name
             if model in OP_OF_MODEL:
