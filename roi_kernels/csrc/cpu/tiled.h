@@ -43,6 +43,10 @@ struct Window {
   }
 };
 
+inline int64_t cells_of(const Window& w) {
+  return w.empty() ? 0 : (w.y1 - w.y0) * (w.x1 - w.x0);
+}
+
 // Where a box reads from: which map, which image of it, and the window it touches.
 struct BoxSource {
   int64_t map = -1;    // -1: the box reads nothing (its output is all zeros)
@@ -197,17 +201,33 @@ void run_tiled(
       const int64_t nc = std::min<int64_t>(B, channels - c0);
 
       Window win;
+      int64_t box_cells = 0;
       for (int64_t i = task.begin; i < task.end; ++i) {
-        win.add(sources[group.boxes[i]].window);
+        const Window& bw = sources[group.boxes[i]].window;
+        win.add(bw);
+        box_cells += cells_of(bw);
       }
+      // A sparse task (its boxes' windows cover fewer cells than their union: a few boxes
+      // spread over a large map, as fpn-mask's 100 boxes on P2) packs each box's own window
+      // just before the box runs, which packs less and keeps the tile in L2.
+      const bool per_box = box_cells < cells_of(win);
       Tile<acc_t> tile{nullptr, win, win.x1 - win.x0};
-      if (!win.empty()) {
-        tile_buf.resize(static_cast<size_t>((win.y1 - win.y0) * (win.x1 - win.x0) * B));
+      if (!per_box && !win.empty()) {
+        tile_buf.resize(static_cast<size_t>(cells_of(win) * B));
         pack_tile<scalar_t, acc_t, B>(maps[group.map], group.image, c0, nc, win, tile_buf.data());
         tile.data = tile_buf.data();
       }
       for (int64_t i = task.begin; i < task.end; ++i) {
         const int64_t k = group.boxes[i];
+        if (per_box) {
+          const Window& bw = sources[k].window;
+          tile = Tile<acc_t>{nullptr, bw, bw.x1 - bw.x0};
+          if (!bw.empty()) {
+            tile_buf.resize(static_cast<size_t>(cells_of(bw) * B));
+            pack_tile<scalar_t, acc_t, B>(maps[group.map], group.image, c0, nc, bw, tile_buf.data());
+            tile.data = tile_buf.data();
+          }
+        }
         box_fn(k, tile, acc.data());
         scalar_t* o = out_data + (k * channels + c0) * bins;
         for (int64_t j = 0; j < nc; ++j) {
