@@ -496,10 +496,10 @@ def test_tritonclient_with_a_token(triton_python, tmp_path, seed):
         )
         labels = {"op": "roi_pool", "code": "UNAUTHENTICATED"}
         # Refused by the token check, and counted under its model as roi.v1's are.
-        assert registry_value(srv, "roi_requests_by_protocol_total", protocol="oip", **labels) == 1
+        assert registry_value(srv, "roi_requests_total", protocol="oip", **labels) == 1
         assert registry_value(srv, "roi_requests_total", **labels) == 1
         assert (
-            registry_value(srv, "roi_requests_by_protocol_total", protocol="oip", op="roi_pool", code="OK")
+            registry_value(srv, "roi_requests_total", protocol="oip", op="roi_pool", code="OK")
             == 1
         )
     assert with_token[case.name]["ok"]
@@ -658,7 +658,7 @@ def test_oip_and_roi_v1_requests_share_a_launch(seed):
         assert resp.parameters["batch_id"].int64_param == out["roi"].timings.batch_id
         assert registry_value(srv, "roi_batches_total", op="roi_align") == batches_before + 1
         by = lambda proto: registry_value(
-            srv, "roi_requests_by_protocol_total", protocol=proto, op="roi_align", code="OK"
+            srv, "roi_requests_total", protocol=proto, op="roi_align", code="OK"
         )
         assert by("oip") == 1 and by("roi_v1") == 1
         assert registry_value(srv, "roi_requests_total", op="roi_align", code="OK") == 2
@@ -667,7 +667,7 @@ def test_oip_and_roi_v1_requests_share_a_launch(seed):
 def test_errors_through_stubs_are_counted(stub, server, seed):
     case = oip_case("ps_roi_pool", "FP16", torch.Generator().manual_seed(seed))
     before = registry_value(
-        server, "roi_requests_by_protocol_total", protocol="oip", op="ps_roi_pool", code="INVALID_ARGUMENT"
+        server, "roi_requests_total", protocol="oip", op="ps_roi_pool", code="INVALID_ARGUMENT"
     )
     req = case.request()
     req.parameters["pooled_height"].int64_param = 4  # 27 channels are not divisible by 4 * 3
@@ -678,7 +678,7 @@ def test_errors_through_stubs_are_counted(stub, server, seed):
         err.value.details()
     )
     after = registry_value(
-        server, "roi_requests_by_protocol_total", protocol="oip", op="ps_roi_pool", code="INVALID_ARGUMENT"
+        server, "roi_requests_total", protocol="oip", op="ps_roi_pool", code="INVALID_ARGUMENT"
     )
     assert after == before + 1
     # FP16 has no typed contents in the protocol.
@@ -737,8 +737,8 @@ def test_stop_finishes_in_flight_requests_and_readiness_goes_false(seed):
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     # The refusal, made before the message is parsed, is counted under its model.
     labels = {"protocol": "oip", "op": "roi_align"}
-    assert registry_value(srv, "roi_requests_by_protocol_total", code="UNAVAILABLE", **labels) >= 1
-    assert registry_value(srv, "roi_requests_by_protocol_total", code="OK", **labels) == 1
+    assert registry_value(srv, "roi_requests_total", code="UNAVAILABLE", **labels) >= 1
+    assert registry_value(srv, "roi_requests_total", code="OK", **labels) == 1
     assert_bits(decode_output(out["resp"]), ref)
 
 

@@ -293,7 +293,7 @@ def test_token_right_wrong_missing(token_server, request_case):
     before = requests_counted(token_server, exclude="UNAUTHENTICATED")
     refused_before = requests_counted(token_server, code="UNAUTHENTICATED")
     pool_refused_before = token_server.server.metrics.registry.get_sample_value(
-        "roi_requests_total", {"op": "roi_align", "code": "UNAUTHENTICATED"}
+        "roi_requests_total", {"protocol": "roi_v1", "op": "roi_align", "code": "UNAUTHENTICATED"}
     ) or 0.0
     with RoIClient(token_server.address, max_attempts=1, timeout=10) as anonymous:
         err = refused(lambda: assert_serves(anonymous, request_case), grpc.StatusCode.UNAUTHENTICATED)
@@ -317,7 +317,7 @@ def test_token_right_wrong_missing(token_server, request_case):
     # stream under "unknown" (its requests were not read), Describe not at all (no request).
     assert requests_counted(token_server, code="UNAUTHENTICATED") == refused_before + 4
     assert token_server.server.metrics.registry.get_sample_value(
-        "roi_requests_total", {"op": "roi_align", "code": "UNAUTHENTICATED"}
+        "roi_requests_total", {"protocol": "roi_v1", "op": "roi_align", "code": "UNAUTHENTICATED"}
     ) == pool_refused_before + 3
 
     with RoIClient(token_server.address, token=TOKEN) as ok:

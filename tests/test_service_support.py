@@ -274,12 +274,21 @@ def scrape(url: str) -> dict[tuple[str, tuple], float]:
 
 
 def sample(samples: dict, name: str, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    """The sum of the samples of ``name`` whose labels include ``labels`` (so that a label a
+    test does not name, e.g. ``protocol``, is summed over)."""
+    want = labels.items()
+    return sum(v for (n, have), v in samples.items() if n == name and want <= dict(have).items())
 
 
 def registry_value(srv: BackgroundServer, name: str, **labels) -> float:
-    value = srv.server.metrics.registry.get_sample_value(name, labels)
-    return 0.0 if value is None else value
+    """As :func:`sample`, read from the server's registry in this process."""
+    want = labels.items()
+    return sum(
+        s.value
+        for family in srv.server.metrics.registry.collect()
+        for s in family.samples
+        if s.name == name and want <= s.labels.items()
+    )
 
 
 # ---------------------------------------------------------------------------------------------

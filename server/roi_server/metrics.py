@@ -52,12 +52,13 @@ class ServiceMetrics:
         r = self.registry
         # The server process's CPU time, resident memory and open files (process_* on Linux).
         ProcessCollector(registry=r)
+        # protocol: "roi_v1", or "oip" (the Open Inference Protocol, roi_server.oip).
         self.requests = Counter(
-            "roi_requests", "Requests answered, by op and gRPC status code.", ["op", "code"], registry=r
+            "roi_requests",
+            "Requests answered, by protocol, op and gRPC status code.",
+            ["protocol", "op", "code"],
+            registry=r,
         )
-        # The same requests by protocol ("roi_v1" or "oip", the Open Inference Protocol):
-        # roi_requests_total keeps its labels, and this series splits it.
-        self.requests_by_protocol = _ByProtocol(self.requests, registry=r)
         self.request_duration = Histogram(
             "roi_request_duration_seconds",
             "Server-side time of a request, from arrival to its response being ready.",
@@ -135,51 +136,6 @@ class ServiceMetrics:
         self.server_info.labels(version=version, device=device).set(1)
         if memory_allocated is not None:
             self.device_memory.labels(device=device).set_function(memory_allocated)
-
-
-class _ByProtocol:
-    """``roi_requests_by_protocol_total{protocol, op, code}``. OIP requests are counted here
-    (and in ``roi_requests_total`` as every request is); the ``roi_v1`` series is
-    ``roi_requests_total`` less them, computed when scraped, so that the roi.v1 request path
-    records one counter as before."""
-
-    def __init__(self, total: Counter, registry: CollectorRegistry) -> None:
-        self._total = total
-        self._oip = Counter(
-            "roi_oip_requests",
-            "Open Inference Protocol requests answered, by op and gRPC status code.",
-            ["op", "code"],
-            registry=None,
-        )
-        registry.register(self)
-
-    def labels(self, protocol: str, op: str, code: str):
-        assert protocol == "oip", "roi.v1 requests are counted by roi_requests_total"
-        return self._oip.labels(op, code)
-
-    def collect(self):
-        from prometheus_client.core import CounterMetricFamily
-
-        family = CounterMetricFamily(
-            "roi_requests_by_protocol", "Requests answered, by protocol, op and gRPC status code.", labels=["protocol", "op", "code"]
-        )
-        oip = {
-            (s.labels["op"], s.labels["code"]): s.value
-            for m in self._oip.collect()
-            for s in m.samples
-            if s.name.endswith("_total")
-        }
-        for m in self._total.collect():
-            for s in m.samples:
-                if s.name.endswith("_total"):
-                    key = (s.labels["op"], s.labels["code"])
-                    family.add_metric(["roi_v1", *key], s.value - oip.get(key, 0.0))
-        for key, value in oip.items():
-            family.add_metric(["oip", *key], value)
-        yield family
-
-    def describe(self):
-        return []
 
 
 class MetricsHTTPServer:

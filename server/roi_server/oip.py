@@ -603,8 +603,7 @@ class OIPService:
         else:
             return
         m = self.metrics
-        m.child(m.requests, op, code.name).inc()
-        m.child(m.requests_by_protocol, PROTOCOL, op, code.name).inc()
+        m.child(m.requests, PROTOCOL, op, code.name).inc()
 
     # -- small methods ------------------------------------------------------------------------
 
@@ -849,8 +848,7 @@ class OIPService:
         finally:
             if decoded is not None:
                 decoded.release()
-            m.child(m.requests, op, code.name).inc()
-            m.child(m.requests_by_protocol, PROTOCOL, op, code.name).inc()
+            m.child(m.requests, PROTOCOL, op, code.name).inc()
             m.child(m.request_duration, op).observe(time.perf_counter() - start)
             self._leave()
 

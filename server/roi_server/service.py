@@ -291,7 +291,7 @@ class RoIService:
             op = "unknown"
         else:
             return
-        self.metrics.requests.labels(op=op, code=code.name).inc()
+        self.metrics.requests.labels(protocol="roi_v1", op=op, code=code.name).inc()
 
     # -- one request --------------------------------------------------------------------------
 
@@ -366,7 +366,7 @@ class RoIService:
             # keeps the region mapped (if unregistered meanwhile) for as long as it lives.
             if decoded is not None:
                 decoded.release()
-            m.child(m.requests, op, code.name).inc()
+            m.child(m.requests, "roi_v1", op, code.name).inc()
             m.child(m.request_duration, op).observe(time.perf_counter() - start)
             self._leave()
 
