@@ -19,6 +19,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 namespace roi_kernels {
 namespace cpu {
 
@@ -67,6 +71,37 @@ struct Tile {
   }
 };
 
+#if defined(__AVX__)
+// 8 channels x 8 pixels of an NCHW float map, transposed in registers: channel i's 8
+// contiguous values at src + i * sC become float i of the 8 pixels' vectors at dst + x * B.
+inline void transpose_8x8(const float* src, int64_t sC, float* dst, int64_t B) {
+  const __m256 r0 = _mm256_loadu_ps(src), r1 = _mm256_loadu_ps(src + sC);
+  const __m256 r2 = _mm256_loadu_ps(src + 2 * sC), r3 = _mm256_loadu_ps(src + 3 * sC);
+  const __m256 r4 = _mm256_loadu_ps(src + 4 * sC), r5 = _mm256_loadu_ps(src + 5 * sC);
+  const __m256 r6 = _mm256_loadu_ps(src + 6 * sC), r7 = _mm256_loadu_ps(src + 7 * sC);
+  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+  const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+  const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+  const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 s7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  _mm256_storeu_ps(dst, _mm256_permute2f128_ps(s0, s4, 0x20));
+  _mm256_storeu_ps(dst + B, _mm256_permute2f128_ps(s1, s5, 0x20));
+  _mm256_storeu_ps(dst + 2 * B, _mm256_permute2f128_ps(s2, s6, 0x20));
+  _mm256_storeu_ps(dst + 3 * B, _mm256_permute2f128_ps(s3, s7, 0x20));
+  _mm256_storeu_ps(dst + 4 * B, _mm256_permute2f128_ps(s0, s4, 0x31));
+  _mm256_storeu_ps(dst + 5 * B, _mm256_permute2f128_ps(s1, s5, 0x31));
+  _mm256_storeu_ps(dst + 6 * B, _mm256_permute2f128_ps(s2, s6, 0x31));
+  _mm256_storeu_ps(dst + 7 * B, _mm256_permute2f128_ps(s3, s7, 0x31));
+}
+#endif
+
 // Packs channels [c0, c0 + nc) of image `n` of `map`, restricted to `win`, into `dst` as
 // [y][x][B] (channels nc..B-1 zero-filled). Handles any strides; fast paths for NCHW and NHWC.
 template <typename scalar_t, typename acc_t, int B>
@@ -93,7 +128,28 @@ void pack_tile(const at::Tensor& map, int64_t n, int64_t c0, int64_t nc, const W
   // NCHW (or any other strides): walk each channel's rows, which are contiguous when sW == 1.
   for (int64_t y = 0; y < h; ++y) {
     acc_t* drow = dst + y * w * B;
-    for (int64_t j = 0; j < nc; ++j) {
+    int64_t j0 = 0;
+#if defined(__AVX__)
+    // float32 NCHW, the common case: 8 channels x 8 pixels per register transpose instead of
+    // one scalar load and store per element (packing was half of fpn-mask's time).
+    if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+      if (sW == 1) {
+        const int64_t w8 = w - w % 8;
+        for (; j0 + 8 <= nc; j0 += 8) {
+          const float* s = src + j0 * sC + y * sH;
+          for (int64_t x = 0; x < w8; x += 8) {
+            transpose_8x8(s + x, sC, drow + x * B + j0, B);
+          }
+          for (int64_t x = w8; x < w; ++x) {
+            for (int64_t j = 0; j < 8; ++j) {
+              drow[x * B + j0 + j] = s[j * sC + x];
+            }
+          }
+        }
+      }
+    }
+#endif
+    for (int64_t j = j0; j < nc; ++j) {
       const scalar_t* s = src + j * sC + y * sH;
       for (int64_t x = 0; x < w; ++x) {
         drow[x * B + j] = static_cast<acc_t>(s[x * sW]);
