@@ -4,6 +4,7 @@
     python benchmarks/bench_kernels.py --device cuda --dtypes float32 float16 bfloat16
     python benchmarks/bench_kernels.py --workloads fpn-det --repeat 11 --plot out.png
     python benchmarks/bench_kernels.py --extras               # also the ps and rotated ops
+    python benchmarks/bench_kernels.py --backward             # the gradients (backward alone) instead
 
 For each workload and dtype: the median of --repeat timed runs after a warm-up, for us and
 for torchvision on the same inputs, their ratio, and our time over the workload's floor (its
@@ -31,6 +32,12 @@ import torchvision
 from torchvision.ops.poolers import LevelMapper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+if "--without-autograd" in sys.argv:
+    # --registration-cost's baseline: roi_kernels imported without its autograd formulas
+    # (roi_kernels/_autograd.py, stood in for by an empty module), as before they existed.
+    import types
+
+    sys.modules["roi_kernels._autograd"] = types.ModuleType("roi_kernels._autograd")
 import workloads  # noqa: E402
 
 import roi_kernels  # noqa: E402
@@ -196,6 +203,97 @@ def measure(name: str, dname: str, device: str, repeat: int, threads: int, bandw
     )
 
 
+def measure_backward(
+    name: str, dname: str, device: str, repeat: int, threads: int, bandwidth: float, fma_rate: float
+) -> dict:
+    """One --backward row: the gradient with respect to the maps (the backward alone, through
+    the graph of one forward kept with retain_graph) for us and for torchvision, side by side,
+    on the same inputs and upstream gradient."""
+    dtype = DTYPES[dname]
+    w = workloads.make(name, dtype)
+    w.maps = [m.to(device).requires_grad_() for m in w.maps]
+    w.boxes = w.boxes.to(device)
+    maps = w.maps
+    out = ours(w)()
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+    f_tv, via = torchvision_fn(w), ""
+    theirs_out = None
+    if f_tv is not None:
+        try:
+            theirs_out = f_tv()
+        except (RuntimeError, NotImplementedError):
+            # No torchvision kernel for this dtype: through float32 (differentiable casts).
+            w32 = workloads.make(name, torch.float32)
+            w32.boxes = w.boxes
+            w32.maps = [m.float() for m in maps]
+            theirs_out, via = torchvision_fn(w32)().to(dtype), " (via float32)"
+
+    def grads(o):
+        return torch.autograd.grad(o, maps, grad, retain_graph=True, allow_unused=True)
+
+    mine = grads(out)
+    diff = None
+    if theirs_out is not None:
+        theirs = grads(theirs_out)
+        diff = max(
+            (a.float() - (b if b is not None else torch.zeros_like(a)).float()).abs().max().item() if a.numel() else 0.0
+            for a, b in zip(mine, theirs)
+        )
+    t_ours = median_ms(lambda: grads(out), device, repeat)
+    t_tv = median_ms(lambda: grads(theirs_out), device, repeat) if theirs_out is not None else None
+    floor = floor_ms(w, dtype, bandwidth, fma_rate)
+    return {
+        "workload": name,
+        "op": w.op + " backward",
+        "contender": ("torchvision" + via) if theirs_out is not None else None,
+        "dtype": dname,
+        "device": device,
+        "threads": threads,
+        "ours_ms": t_ours,
+        "torchvision_ms": t_tv,
+        "speedup": (t_tv / t_ours) if t_tv is not None else None,
+        "floor_ms": floor,
+        "over_floor": t_ours / floor,
+        "max_abs_diff": diff,
+    }
+
+
+def forward_us(name: str, mode: str, repeat: int, calls: int) -> float:
+    """Microseconds per forward call of our op on a workload (float32, CPU), the median of
+    `repeat` timings of `calls` calls each; mode: "plain" (grad mode on, maps not requiring
+    grad), "no_grad" or "inference_mode"."""
+    w = workloads.make(name, torch.float32)
+    fn = ours(w)
+    context = {"plain": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[mode]
+
+    def batch():
+        with context():
+            for _ in range(calls):
+                fn()
+
+    return median_ms(batch, "cpu", repeat) * 1e3 / calls
+
+
+def registration_cost(names: list[str], repeat: int) -> None:
+    """Our forward with the autograd registration (this process) and without it (a child
+    process that imports roi_kernels without roi_kernels/_autograd.py), side by side."""
+    import subprocess
+
+    calls = {"tiny": 200}
+    print("\n## forward with and without the autograd registration (float32, CPU)\n")
+    print("| workload | mode | registered us/call | unregistered us/call | registered / unregistered |")
+    print("|---|---|---:|---:|---:|")
+    for name in names:
+        for mode in ("plain", "no_grad", "inference_mode"):
+            n = calls.get(name, 3)
+            argv = [sys.executable, __file__, "--without-autograd", "--threads", str(torch.get_num_threads())]
+            argv += ["--_forward-us", name, mode, str(repeat), str(n)]
+            child = subprocess.run(argv, capture_output=True, text=True, check=True)
+            without = float(child.stdout.strip().splitlines()[-1])
+            with_reg = forward_us(name, mode, repeat, n)
+            print(f"| {name} | {mode} | {with_reg:.1f} | {without:.1f} | {with_reg / without:.2f} |", flush=True)
+
+
 def table_row(r: dict) -> str:
     if r["torchvision_ms"] is None:
         tv, speedup, diff = "n/a (no such op)", "n/a", "n/a"
@@ -259,11 +357,33 @@ def main(argv=None) -> int:
         "--dtypes", nargs="+", default=["float32", "float16"], choices=list(DTYPES), help="default: float32 float16"
     )
     parser.add_argument("--repeat", type=int, default=7, help="timed runs per contender; the median is reported")
+    parser.add_argument(
+        "--backward",
+        action="store_true",
+        help="time the backward (the maps' gradient, given the output's) instead of the forward",
+    )
     parser.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
     parser.add_argument("--plot", type=Path, help="write a bar chart of the speed-ups (PNG) to this file")
+    parser.add_argument(
+        "--registration-cost",
+        action="store_true",
+        help="time our forward on tiny and fpn-det with and without the autograd registration "
+        "(plain, no_grad, inference_mode) instead of the table",
+    )
+    parser.add_argument(
+        "--without-autograd", action="store_true", help="import roi_kernels without its autograd registrations"
+    )
+    parser.add_argument("--_forward-us", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    if args._forward_us:
+        name, mode, repeat, calls = args._forward_us
+        print(forward_us(name, mode, int(repeat), int(calls)))
+        return 0
+    if args.registration_cost:
+        registration_cost(["tiny", "fpn-det"], args.repeat)
+        return 0
     device = args.device
     chosen = list(dict.fromkeys(args.workloads + (list(workloads.EXTRA_NAMES) if args.extras else [])))
     groups = [
@@ -289,7 +409,8 @@ def main(argv=None) -> int:
             for dname in args.dtypes:
                 done += 1
                 print(f"[{done}/{total}] {name} {dname} ...", file=sys.stderr, flush=True)
-                row = measure(name, dname, device, args.repeat, torch.get_num_threads(), bandwidth, fma_rate)
+                run = measure_backward if args.backward else measure
+                row = run(name, dname, device, args.repeat, torch.get_num_threads(), bandwidth, fma_rate)
                 rows.append(row)
                 print(table_row(row), flush=True)
     if args.json:
