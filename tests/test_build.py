@@ -31,6 +31,7 @@ OPS = {
     "roi_align_rotated",
     "roi_align_rotated_ragged",
 }
+OPS |= {f"{op}_backward" for op in OPS}  # each op's gradient (cpu/*_backward.cpp)
 
 
 def run_build(env, *args):
