@@ -12,9 +12,11 @@ The CPU backward is deterministic (the same bits on every run and thread count, 
 ``csrc/cpu/backward_common.h``). Double backward is not supported: differentiating a backward
 op raises an error that names it.
 
-Under ``torch.inference_mode()`` the autograd formulas are not consulted at all; under
-``torch.no_grad()`` or with inputs that do not require grad, the registration hands the call
-straight to the kernel.
+Under ``torch.inference_mode()`` the autograd formulas are not consulted at all. Under
+``torch.no_grad()``, or with inputs that do not require grad, the registration's autograd
+kernel (Python) hands the call straight to the op's kernel, which costs some 10-30 us per call
+(``benchmarks/bench_kernels.py --registration-cost``): inference paths should call the ops
+under ``torch.inference_mode()``.
 """
 
 from __future__ import annotations
