@@ -251,6 +251,12 @@ class KernelEngine:
     def launch(self, reqs: Sequence[DecodedRequest]) -> Launched:
         """Runs on the worker thread (or for a small CPU batch, the event loop). Raises what the
         op raises."""
+        # Inference mode: the ops' autograd formulas (roi_kernels._autograd) are not even
+        # dispatched to, which saves 10-30 us of Python per call (RESULTS.md, the backward).
+        with torch.inference_mode():
+            return self._launch(reqs)
+
+    def _launch(self, reqs: Sequence[DecodedRequest]) -> Launched:
         if not self._is_cuda:
             start = time.perf_counter()
             region = output_region_tensor(reqs)
