@@ -117,6 +117,10 @@ KERNEL_INSTANTIATIONS = {
     "ps_align::ps_roi_align_kernel": 4 * 2,
     "ps_pool::ps_roi_pool_kernel": 4 * 2,
     "rotated::roi_align_rotated_kernel": 4 * 2,
+    # The backward (roi_backward.cu): ops (roi_align avg / max, roi_pool, the ps ops, rotated)
+    # x dtypes, for each of the atomic and the deterministic variant.
+    "backward::backward_atomic_kernel": 6 * 4,
+    "backward::backward_owned_kernel": 6 * 4,
 }
 
 
