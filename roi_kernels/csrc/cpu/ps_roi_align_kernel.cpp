@@ -1,6 +1,9 @@
 // ps_roi_align (R-FCN) on the CPU, over one map or a ragged batch of per-image maps.
 //
-// Work is cut into (bin, box) items run with at::parallel_for. A bin's samples are the same
+// Two paths. When there are enough samples for it (ps_roi_align_tiled), each (bin, image)
+// task packs the C_out planes its bin reads into a [y][x][lanes] tile and runs the image's
+// boxes over it, each tap a vector of channels. Otherwise (few boxes, or a map too large for
+// a tile), the per-item path below. Work is cut into (bin, box) items run with at::parallel_for. A bin's samples are the same
 // for every output channel (only the input channel changes), so an item computes its taps
 // once, in chunks, and applies each chunk to all C_out channels; the per-box geometry is
 // computed once, before the items. The items are ordered bin first: bin b of every box reads
@@ -67,6 +70,87 @@ void apply_chunk(
   }
 }
 
+// Lanes of a packed tile: C_out rounded up, so that each tap is a whole number of vectors.
+constexpr int64_t kLaneStep = 8;
+// A tile holds one image's whole map for one bin's C_out channels; above this size (a very
+// large map) the per-item path runs instead.
+constexpr int64_t kMaxTileBytes = int64_t(8) << 20;
+
+// The packed path: tasks of (bin, image). A task packs the C_out planes its bin reads
+// (c * PH * PW + bin) of its image into a [y][x][lanes] tile, then runs every box of the image
+// over it: each sample's 4 taps are `lanes` contiguous values instead of a scalar load from
+// each of C_out planes. Each channel's sum still runs over the samples in order.
+template <typename scalar_t, typename acc_t>
+void ps_roi_align_tiled(
+    const std::vector<cpu::Image<scalar_t>>& images,
+    const std::vector<math::AlignGeometry<acc_t>>& geometry,
+    const std::vector<int64_t>& image,
+    int64_t pooled_height,
+    int64_t pooled_width,
+    int64_t channels_out,
+    int64_t lanes,
+    scalar_t* o) {
+  const int64_t num_images = static_cast<int64_t>(images.size());
+  const int64_t num_boxes = static_cast<int64_t>(image.size());
+  const int64_t bins = pooled_height * pooled_width;
+  std::vector<std::vector<int64_t>> boxes_of(num_images);
+  for (int64_t k = 0; k < num_boxes; ++k) {
+    if (image[k] >= 0) {
+      boxes_of[image[k]].push_back(k);
+    } else {
+      std::fill(o + k * channels_out * bins, o + (k + 1) * channels_out * bins, scalar_t(0));
+    }
+  }
+  at::parallel_for(0, bins * num_images, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> tile;
+    std::vector<acc_t> v(lanes);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bin = task / num_images, n = task % num_images;
+      if (boxes_of[n].empty()) {
+        continue;
+      }
+      const cpu::Image<scalar_t>& img = images[n];
+      const int64_t ph = bin / pooled_width, pw = bin % pooled_width;
+      const int64_t height = img.height, width = img.width;
+      const scalar_t* first_plane =
+          img.data + math::ps_input_channel(0, ph, pw, pooled_height, pooled_width) * img.stride_c;
+      const int64_t plane_step = (math::ps_input_channel(1, ph, pw, pooled_height, pooled_width) -
+                                  math::ps_input_channel(0, ph, pw, pooled_height, pooled_width)) *
+          img.stride_c;
+      tile.assign(static_cast<size_t>(height * width * lanes), acc_t(0));
+      for (int64_t c = 0; c < channels_out; ++c) {
+        const scalar_t* plane = first_plane + c * plane_step;
+        for (int64_t y = 0; y < height; ++y) {
+          acc_t* row = tile.data() + y * width * lanes + c;
+          const scalar_t* src = plane + y * img.stride_h;
+          for (int64_t x = 0; x < width; ++x) {
+            row[x * lanes] = static_cast<acc_t>(src[x * img.stride_w]);
+          }
+        }
+      }
+      const acc_t* t = tile.data();
+      for (int64_t k : boxes_of[n]) {
+        const math::AlignGeometry<acc_t>& g = geometry[k];
+        std::fill(v.begin(), v.end(), acc_t(0));
+        math::for_each_bin_sample(g, ph, pw, height, width, [&](const math::AxisTap<acc_t>& ty, const math::AxisTap<acc_t>& tx) {
+          const math::BilinearTaps<acc_t> tp = math::bilinear_taps(ty, tx, width * lanes, lanes);
+          const acc_t* p1 = t + tp.o1;
+          const acc_t* p2 = t + tp.o2;
+          const acc_t* p3 = t + tp.o3;
+          const acc_t* p4 = t + tp.o4;
+          for (int64_t j = 0; j < lanes; ++j) {
+            v[j] += math::bilinear_combine(tp.w, p1[j], p2[j], p3[j], p4[j]);
+          }
+        });
+        scalar_t* dst = o + k * channels_out * bins + bin;
+        for (int64_t c = 0; c < channels_out; ++c) {
+          dst[c * bins] = static_cast<scalar_t>(math::average(v[c], g.count));
+        }
+      }
+    }
+  });
+}
+
 template <typename scalar_t>
 void ps_roi_align_cpu(
     const MapSet& s,
@@ -99,6 +183,26 @@ void ps_roi_align_cpu(
           b[1], b[2], b[3], b[4], static_cast<acc_t>(spatial_scale), pooled_height, pooled_width, sampling_ratio);
     }
   });
+
+  // The packed path when packing pays: its cost is a pass over each image's map per bin, the
+  // per-item path's a scattered load per tap and channel (samples x 4 x C_out per bin).
+  const int64_t lanes = (channels_out + kLaneStep - 1) / kLaneStep * kLaneStep;
+  int64_t cells = 0, samples = 0;
+  bool fits = true;
+  for (const cpu::Image<scalar_t>& img : images) {
+    cells += img.height * img.width;
+    fits = fits && img.height * img.width * lanes * static_cast<int64_t>(sizeof(acc_t)) <= kMaxTileBytes;
+  }
+  for (int64_t k = 0; k < num_boxes; ++k) {
+    if (image[k] >= 0) {
+      // (saturated: an adaptive grid can hold up to 2^60 samples per bin)
+      samples = std::min<int64_t>(samples + std::min<int64_t>(geometry[k].samples, int64_t(1) << 40), int64_t(1) << 50);
+    }
+  }
+  if (fits && samples * 16 >= cells) {
+    ps_roi_align_tiled<scalar_t, acc_t>(images, geometry, image, pooled_height, pooled_width, channels_out, lanes, o);
+    return;
+  }
 
   const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(channels_out, 1));
   at::parallel_for(0, num_boxes * bins, grain, [&](int64_t begin, int64_t end) {
