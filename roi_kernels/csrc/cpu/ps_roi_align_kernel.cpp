@@ -3,7 +3,9 @@
 // Two paths. When there are enough samples for it (ps_roi_align_tiled), each (bin, image)
 // task packs the C_out planes its bin reads into a [y][x][lanes] tile and runs the image's
 // boxes over it, each tap a vector of channels. Otherwise (few boxes, or a map too large for
-// a tile), the per-item path below. Work is cut into (bin, box) items run with at::parallel_for. A bin's samples are the same
+// a tile), the per-item path below.
+//
+// Per-item path: (bin, box) items run with at::parallel_for. A bin's samples are the same
 // for every output channel (only the input channel changes), so an item computes its taps
 // once, in chunks, and applies each chunk to all C_out channels; the per-box geometry is
 // computed once, before the items. The items are ordered bin first: bin b of every box reads
@@ -132,7 +134,7 @@ void ps_roi_align_tiled(
       for (int64_t k : boxes_of[n]) {
         const math::AlignGeometry<acc_t>& g = geometry[k];
         std::fill(v.begin(), v.end(), acc_t(0));
-        math::for_each_bin_sample(g, ph, pw, height, width, [&](const math::AxisTap<acc_t>& ty, const math::AxisTap<acc_t>& tx) {
+        const auto sample = [&](const math::AxisTap<acc_t>& ty, const math::AxisTap<acc_t>& tx) {
           const math::BilinearTaps<acc_t> tp = math::bilinear_taps(ty, tx, width * lanes, lanes);
           const acc_t* p1 = t + tp.o1;
           const acc_t* p2 = t + tp.o2;
@@ -141,7 +143,8 @@ void ps_roi_align_tiled(
           for (int64_t j = 0; j < lanes; ++j) {
             v[j] += math::bilinear_combine(tp.w, p1[j], p2[j], p3[j], p4[j]);
           }
-        });
+        };
+        math::for_each_bin_sample(g, ph, pw, height, width, sample);
         scalar_t* dst = o + k * channels_out * bins + bin;
         for (int64_t c = 0; c < channels_out; ++c) {
           dst[c * bins] = static_cast<scalar_t>(math::average(v[c], g.count));
