@@ -189,11 +189,12 @@ void write_plane(const Plane<scalar_t>& p, const Window& win, const acc_t* tile,
     }
     return;
   }
-  for (int64_t j = 0; j < cn; ++j) {
-    scalar_t* plane = p.grad + (c0 + j) * p.grad_sc;
-    for (int64_t y = 0; y < p.height; ++y) {
-      scalar_t* row = plane + y * p.grad_sh;
-      const bool in_rows = y >= win.y0 && y < win.y1;
+  // NCHW: row by row, so that a tile row ([x][B], tens of KB) stays in cache while each of its
+  // channels is written out (channel by channel over the whole tile would stream it B times).
+  for (int64_t y = 0; y < p.height; ++y) {
+    const bool in_rows = y >= win.y0 && y < win.y1;
+    for (int64_t j = 0; j < cn; ++j) {
+      scalar_t* row = p.grad + (c0 + j) * p.grad_sc + y * p.grad_sh;
       for (int64_t x = 0; x < p.width; ++x) {
         row[x * p.grad_sw] = in_rows ? value(y, x, j) : scalar_t(0);
       }
