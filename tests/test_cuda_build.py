@@ -75,6 +75,7 @@ def cuda_build(tmp_path_factory):
 
 
 @needs_nvcc
+@pytest.mark.timeout(1800)  # its fixture compiles every .cu file (the subprocess's own limit)
 def test_cuda_sources_compile_and_register_every_op(cuda_build):
     proc, folder = cuda_build
     log = folder / "build.log"
