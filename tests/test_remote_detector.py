@@ -113,7 +113,7 @@ def test_mask_rcnn_detections_equal_stock_and_the_pyramid_travels_once(server, c
         assert 1.0 <= ratio <= 1.05, f"forward {forward}: sent {sent:.0f} bytes for a {pyramid_bytes[0]} byte pyramid"
 
 
-def test_faster_rcnn_with_unshared_uploads_sends_the_pyramid_per_pooler(server, client, seed):
+def test_mask_rcnn_with_unshared_uploads_sends_the_pyramid_per_pooler(server, client, seed):
     """Without sharing each pooler uploads its own copy (the mask head included): the same
     detections, twice the bytes — what sharing saves."""
     model = small_maskrcnn(seed)
