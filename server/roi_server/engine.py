@@ -252,7 +252,7 @@ class KernelEngine:
         """Runs on the worker thread (or for a small CPU batch, the event loop). Raises what the
         op raises."""
         # Inference mode: the ops' autograd formulas (roi_kernels._autograd) are not even
-        # dispatched to, which saves 10-30 us of Python per call (RESULTS.md, the backward).
+        # dispatched to, which saves 10-30 us of Python per call (benchmarks/RESULTS.md, the backward).
         with torch.inference_mode():
             return self._launch(reqs)
 
