@@ -19,6 +19,7 @@ header serialised by protobuf joined once with the output's memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -39,6 +40,7 @@ from roi_client._proto.roi.v1 import roi_pb2
 from . import __version__
 from .codec import DecodedRequest, decode_request, write_output
 from .errors import InvalidArgument, ServiceError, Unavailable, Unimplemented, status_of
+from .streams import answer_stream
 
 if TYPE_CHECKING:
     from .metrics import ServiceMetrics
@@ -718,62 +720,16 @@ class OIPService:
     ) -> AsyncIterator[bytes]:
         deadline = _deadline(context)
         owner = self.shm.owner(context)
-        answers: asyncio.Queue[bytes | None] = asyncio.Queue()
-        window = asyncio.Semaphore(self.stream_window)
-        tasks: set[asyncio.Task] = set()
-        shut_down = False
 
-        async def one(raw: bytes) -> None:
-            try:
-                answer = await self._answer(raw, deadline, owner, in_stream=True)
-                assert isinstance(answer, bytes)
-                await answers.put(answer)
-            finally:
-                window.release()
+        async def one(raw: bytes) -> bytes:
+            answer = await self._answer(raw, deadline, owner, in_stream=True)
+            assert isinstance(answer, bytes)
+            return answer
 
-        async def read_all() -> None:
-            nonlocal shut_down
-            closing = asyncio.ensure_future(self._closing.wait())
-            items = requests.__aiter__()
-            try:
-                while True:
-                    await window.acquire()
-                    reading = asyncio.ensure_future(items.__anext__())
-                    await asyncio.wait({reading, closing}, return_when=asyncio.FIRST_COMPLETED)
-                    if not reading.done():
-                        reading.cancel()
-                        shut_down = True
-                        break
-                    try:
-                        raw = reading.result()
-                    except StopAsyncIteration:
-                        break
-                    task = asyncio.create_task(one(raw))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                if tasks:
-                    await asyncio.gather(*tasks, return_exceptions=True)
-            finally:
-                closing.cancel()
-                await answers.put(None)
-
-        reader = asyncio.create_task(read_all())
-        try:
-            while True:
-                answer = await answers.get()
-                if answer is None:
-                    break
+        # Closed with this generator (a cancelled call), so that its tasks end with it.
+        async with contextlib.aclosing(answer_stream(requests, context, one, self.stream_window, self._closing)) as out:
+            async for answer in out:
                 yield answer
-            await reader
-        finally:
-            reader.cancel()
-            for task in list(tasks):
-                task.cancel()
-        if shut_down:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                "the server is shutting down; requests of this stream that were not answered were not read",
-            )
 
     async def _answer(
         self, raw: bytes, deadline: float | None, owner: str, in_stream: bool = False
